@@ -1,0 +1,41 @@
+"""tfpar: distributed training for Keras 3 on TensorFlow.
+
+One training script, unchanged, runs on one device, data-parallel over local
+devices, or multi-worker, chosen by flags::
+
+    import keras, tfpar
+    from absl import app
+
+    def main(argv):
+        strategy = tfpar.from_flags()     # --strategy, --num_simulated_devices, ...
+        with strategy.scope():
+            model = build_model()
+            model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="mse")
+        model.fit(dataset, epochs=3)
+
+    app.run(main)
+
+Heavy modules (TensorFlow) load on first use, so that `tfpar launch` and the
+cluster tools start instantly.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "simulate_devices": "tfpar.devices",
+    "OneDevice": "tfpar.strategies",
+    "DataParallel": "tfpar.strategies",
+    "MultiWorker": "tfpar.strategies",
+    "from_flags": "tfpar.flags",
+    "set_precision": "tfpar.precision",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tfpar' has no attribute {name!r}")

@@ -1,0 +1,239 @@
+"""Every Keras and TensorFlow workaround tfpar needs, in one place.
+
+Each fix names the upstream issue it works around and the versions it was
+verified on. `apply_keras_fixes()` installs them once; tfpar's strategies call
+it, so user code never has to. `remove_keras_fixes(name)` restores
+upstream behaviour (the tests use it to show that each fix is needed).
+
+Private TensorFlow APIs that tfpar relies on are called only from here, so a
+TensorFlow upgrade has one file to check.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger("tfpar")
+
+# The Keras releases whose TF trainer has the multi-worker bugs fixed below.
+# Verified on 3.15.1; setup.cfg pins keras below 3.16 so that a new release is
+# checked before it is used.
+KERAS_FIXED_RANGE = ((3, 0), (3, 16))
+
+
+def _keras_version() -> tuple[int, int]:
+    major, minor = keras.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def keras_needs_fixes() -> bool:
+    low, high = KERAS_FIXED_RANGE
+    return low <= _keras_version() < high
+
+
+def _trainer_module():
+    from keras.src.backend.tensorflow import trainer  # private, pinned
+
+    return trainer
+
+
+def _first_local_value(value):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return value.values[0]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Fix 1: symbolic build under MultiWorkerMirroredStrategy.
+# keras-team/keras#20585, tensorflow/tensorflow#72388, ray-project/ray#47464.
+# `TensorFlowTrainer._maybe_symbolic_build` takes one batch to build the model
+# and calls `strategy.reduce("MEAN", (x, y), axis=None)` on it. Under
+# MultiWorkerMirroredStrategy that is a cross-worker collective on a tuple of
+# PerReplica values and raises "Attempt to convert a value (PerReplica:...) to
+# a Tensor". The batch is needed only for its shapes and dtypes, so a local
+# replica's value serves, with no communication at all.
+# ---------------------------------------------------------------------------
+def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    if self._distribute_strategy is None:
+        return
+    if iterator is not None:
+        for _, _, it in iterator:
+            data_batch = tf.nest.map_structure(_first_local_value, next(it))
+            break
+    with self.distribute_strategy.scope():
+        self._symbolic_build(data_batch=data_batch)
+
+
+# ---------------------------------------------------------------------------
+# Fix 2: scalar metric reduction under MultiWorkerMirroredStrategy.
+# Same upstream issues. `reduce_per_replica(..., "mean")` calls
+# `strategy.reduce("MEAN", v, axis=0)`; the step's logs are scalars, and
+# reducing a scalar along axis 0 raises "Invalid reduction dimension 0 for
+# input with 0 dimensions". For scalars the right reduction is the
+# element-wise mean across replicas: axis=None.
+# ---------------------------------------------------------------------------
+def _make_reduce_per_replica(upstream):
+    @functools.wraps(upstream)
+    def reduce_per_replica(values, strategy, reduction):
+        trainer = _trainer_module()
+        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+
+            def reduce_one(v):
+                rank = _first_local_value(v).shape.rank
+                if rank == 0:
+                    return strategy.reduce("MEAN", v, axis=None)
+                return upstream(v, strategy, reduction)
+
+            return tf.nest.map_structure(reduce_one, values)
+        return upstream(values, strategy, reduction)
+
+    reduce_per_replica._tfpar_upstream = upstream
+    return reduce_per_replica
+
+
+# ---------------------------------------------------------------------------
+# Fix 3: chief-only writes under MultiWorkerMirroredStrategy.
+# Keras 3 removed Keras 2's chief/worker file logic: every worker writing one
+# `.weights.h5` fails on the HDF5 file lock, and `.keras` archives race. The
+# weights are identical on every worker (the optimizer applies all-reduced
+# gradients), so only the chief needs to write; the others write to a private
+# temporary directory that is removed at once (Keras 2's rule: every worker
+# still runs the same code path, so a save that would fail, fails everywhere).
+# Saving runs no collective, so the chief never waits for the others.
+# ---------------------------------------------------------------------------
+def should_write(strategy=None) -> bool:
+    """Whether this process is the one that writes shared files."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return bool(strategy.extended.should_checkpoint)
+
+
+def _chief_only_writer(upstream):
+    @functools.wraps(upstream)
+    def write(self, filepath, *args, **kwargs):
+        if should_write(self.distribute_strategy):
+            return upstream(self, filepath, *args, **kwargs)
+        scratch = tempfile.mkdtemp(prefix="tfpar-worker-")
+        try:
+            return upstream(
+                self, os.path.join(scratch, os.path.basename(str(filepath))),
+                *args, **kwargs,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    write._tfpar_upstream = upstream
+    return write
+
+
+def _install_symbolic_build(install: bool) -> None:
+    cls = _trainer_module().TensorFlowTrainer
+    if install:
+        cls._tfpar_upstream_symbolic_build = cls._maybe_symbolic_build
+        cls._maybe_symbolic_build = _maybe_symbolic_build
+    else:
+        cls._maybe_symbolic_build = cls._tfpar_upstream_symbolic_build
+
+
+def _install_reduce_scalar_metrics(install: bool) -> None:
+    trainer = _trainer_module()
+    if install:
+        trainer.reduce_per_replica = _make_reduce_per_replica(trainer.reduce_per_replica)
+    else:
+        trainer.reduce_per_replica = trainer.reduce_per_replica._tfpar_upstream
+
+
+def _install_chief_only_writes(install: bool) -> None:
+    for name in ("save", "save_weights"):
+        method = getattr(keras.Model, name)
+        setattr(keras.Model, name,
+                _chief_only_writer(method) if install else method._tfpar_upstream)
+
+
+# name -> installer; the names are what tests pass to remove_keras_fixes().
+KERAS_FIXES = {
+    "symbolic_build": _install_symbolic_build,
+    "reduce_scalar_metrics": _install_reduce_scalar_metrics,
+    "chief_only_writes": _install_chief_only_writes,
+}
+_installed: set[str] = set()
+
+
+def apply_keras_fixes() -> None:
+    """Installs every fix above (idempotent). tfpar's strategies call it."""
+    if not keras_needs_fixes():
+        if not _installed:
+            log.warning(
+                "tfpar's Keras multi-worker fixes were verified for Keras %s <= v "
+                "< %s; this is Keras %s, so they are not applied.",
+                *(".".join(map(str, v)) for v in KERAS_FIXED_RANGE),
+                keras.__version__,
+            )
+        return
+    for name, install in KERAS_FIXES.items():
+        if name not in _installed:
+            install(True)
+            _installed.add(name)
+
+
+def remove_keras_fixes(*names: str) -> None:
+    """Restores upstream Keras for the named fixes (default: all).
+
+    For tests that show a fix is needed: the same run fails without it.
+    """
+    for name in names or tuple(KERAS_FIXES):
+        if name not in KERAS_FIXES:
+            raise ValueError(f"unknown fix {name!r}; known: {sorted(KERAS_FIXES)}")
+        if name in _installed:
+            KERAS_FIXES[name](False)
+            _installed.discard(name)
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow's coordination service: failure detection for multi-worker jobs.
+# MultiWorkerMirroredStrategy configures the service itself, with no
+# heartbeat setting and no registration barrier, unless one is configured
+# before it is created. Without the barrier, a worker that never starts leaves
+# the others hanging inside the strategy constructor for minutes; with it they
+# fail after `register_timeout_s` ("Barrier timed out ...
+# Wait_for_all_tasks_to_register"). `cluster_register_with_barrier` is not a
+# parameter of the (private) configure call, so it is set on the config proto.
+# Verified on TensorFlow 2.21.
+# ---------------------------------------------------------------------------
+def configure_coordination_service(
+    cluster, *, heartbeat_timeout_s: float, register_timeout_s: float,
+    shutdown_timeout_s: float = 30.0,
+) -> None:
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.eager import context
+
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=role, num_tasks=len(cluster.jobs[role]))
+        for role in ("chief", "worker")
+        if role in cluster.jobs
+    ]
+    ctx = context.context()
+    ctx.configure_coordination_service(
+        service_type="standalone",
+        service_leader=cluster.coordination_leader,
+        heartbeat_timeout_in_ms=int(heartbeat_timeout_s * 1000),
+        cluster_register_timeout_in_ms=int(register_timeout_s * 1000),
+        shutdown_barrier_timeout_in_ms=int(shutdown_timeout_s * 1000),
+        coordinated_jobs=jobs,
+    )
+    ctx._coordination_service_config.cluster_register_with_barrier = True
+
+
+def tensorflow_initialized() -> bool:
+    """Whether TensorFlow's runtime context (and so its devices) is fixed."""
+    from tensorflow.python.eager import context
+
+    return context.context()._context_handle is not None

@@ -1,0 +1,5 @@
+"""tfpar's strategies: one class per way of spreading a model over devices."""
+
+from tfpar.strategies.data_parallel import DataParallel, MultiWorker, OneDevice
+
+__all__ = ["OneDevice", "DataParallel", "MultiWorker"]

@@ -1,0 +1,259 @@
+"""Data parallelism: every replica holds the whole model and a slice of the batch.
+
+Gradients are averaged with an all-reduce before every optimizer step
+(average gradients, never parameters), so all replicas stay bit-identical.
+
+The classes here *are* `tf.distribute` strategies (subclasses, not wrappers):
+Keras's `fit` looks the strategy up with `tf.distribute.get_strategy()`, so
+the plain Keras pattern works unchanged and costs nothing extra::
+
+    import keras, tfpar
+    tfpar.simulate_devices(4)
+    strategy = tfpar.DataParallel()
+    with strategy.scope():
+        model = keras.Sequential([keras.layers.Dense(10)])
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="mse")
+    model.fit(x, y, batch_size=64, epochs=2)   # 64 = the global batch
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import tensorflow as tf
+
+from tfpar import compat
+from tfpar.cluster import Cluster, ClusterConfigError
+from tfpar.devices import DeviceConfigError, local_devices
+
+log = logging.getLogger("tfpar")
+
+ALL_REDUCE_LOCAL = ("auto", "nccl", "hierarchical_copy", "reduce_to_one")
+COMMUNICATION = ("auto", "ring", "nccl")
+
+# Failure-detection defaults for multi-worker jobs (seconds). A dead peer is
+# noticed through the coordination service's heartbeat; a live but stuck one
+# through the collective timeout, which must outlast the slowest legitimate
+# collective (the first step also waits for every worker to trace and build).
+# Registration waits for every worker to start: in a cluster that includes
+# pulling images and scheduling pods.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+DEFAULT_REGISTER_TIMEOUT_S = 300.0
+
+
+class _Described:
+    """What every tfpar strategy can say about itself."""
+
+    kind: str
+
+    @property
+    def is_chief(self) -> bool:
+        return bool(self.extended.should_checkpoint)
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    @property
+    def worker_index(self) -> int:
+        return 0
+
+    def describe(self) -> dict:
+        return {
+            "strategy": self.kind,
+            "class": type(self).__name__,
+            "replicas": self.num_replicas_in_sync,
+            "workers": self.num_workers,
+            "worker_index": self.worker_index,
+            "devices": list(self.extended.worker_devices),
+        }
+
+
+class OneDevice(_Described, tf.distribute.OneDeviceStrategy):
+    """Everything on one device (the first GPU, else the CPU).
+
+    The baseline every other strategy is compared with, and the strategy a
+    script gets on a laptop, so that one script runs anywhere.
+
+    Example::
+
+        strategy = tfpar.OneDevice()          # or OneDevice("/gpu:1")
+    """
+
+    kind = "one_device"
+
+    def __init__(self, device: str | None = None):
+        compat.apply_keras_fixes()
+        super().__init__(device or local_devices()[0])
+
+
+class DataParallel(_Described, tf.distribute.MirroredStrategy):
+    """Synchronous data parallelism over the devices of one host.
+
+    Args:
+      devices: device names (default: all local GPUs, else all local CPUs,
+        which `tfpar.simulate_devices(n)` can split into n).
+      all_reduce: "auto" (NCCL between GPUs, TensorFlow's choice otherwise),
+        "nccl", "hierarchical_copy" (GPUs without NVLink/NCCL) or
+        "reduce_to_one" (reduce on one device, then broadcast).
+
+    Example::
+
+        tfpar.simulate_devices(4)
+        strategy = tfpar.DataParallel()
+        strategy.num_replicas_in_sync   # 4
+    """
+
+    kind = "data"
+
+    def __init__(self, devices: Sequence[str] | None = None, all_reduce: str = "auto"):
+        compat.apply_keras_fixes()
+        if all_reduce not in ALL_REDUCE_LOCAL:
+            raise ValueError(
+                f"DataParallel(all_reduce={all_reduce!r}): use one of "
+                f"{list(ALL_REDUCE_LOCAL)}."
+            )
+        available = local_devices()
+        devices = list(devices) if devices is not None else available
+        if not devices:
+            raise DeviceConfigError("DataParallel(devices=[]): give at least one device.")
+        if all_reduce == "nccl" and not any("GPU" in d.upper() for d in devices):
+            raise ValueError(
+                f"DataParallel(all_reduce='nccl') needs GPUs, but the devices are "
+                f"{devices}. Use all_reduce='auto' on CPUs."
+            )
+        cross_device_ops = {
+            "auto": None,
+            "nccl": lambda: tf.distribute.NcclAllReduce(),
+            "hierarchical_copy": lambda: tf.distribute.HierarchicalCopyAllReduce(),
+            "reduce_to_one": lambda: tf.distribute.ReductionToOneDevice(),
+        }[all_reduce]
+        super().__init__(
+            devices=devices,
+            cross_device_ops=cross_device_ops() if cross_device_ops else None,
+        )
+        self.all_reduce = all_reduce
+
+
+class MultiWorker(_Described, tf.distribute.MultiWorkerMirroredStrategy):
+    """Synchronous data parallelism across processes and hosts.
+
+    Each worker process holds a full replica per local GPU (one per CPU
+    host); gradients are all-reduced across all of them with TensorFlow's
+    collective ops.
+
+    Args:
+      cluster: a `tfpar.cluster.Cluster`, a TF_CONFIG dict or JSON string;
+        default: the TF_CONFIG environment variable, which `tfpar launch`,
+        Kubeflow and tfpar's Kubernetes manifests set.
+      communication: "auto", "ring" (gRPC rings, works everywhere) or "nccl".
+      pack_bytes: pack gradients into chunks of this many bytes per
+        all-reduce (0: TensorFlow's default).
+      collective_timeout_s: fail a collective (all-reduce) that has not
+        finished after this many seconds, e.g. because a peer is stuck
+        (None: wait forever).
+      heartbeat_timeout_s: declare a peer dead after this many seconds
+        without a heartbeat; the others then fail with UnavailableError.
+      register_timeout_s: fail at start-up if not every worker has joined
+        within this many seconds (a worker that never starts would otherwise
+        hang the rest in this constructor).
+
+    Must be created at the start of the program, before TensorFlow runs any
+    op: it starts this process's gRPC server and joins the cluster.
+
+    Example (run by `tfpar launch --nproc 2 -- python train.py`)::
+
+        strategy = tfpar.MultiWorker(collective_timeout_s=60)
+        strategy.num_workers, strategy.is_chief   # (2, True) on worker 0
+    """
+
+    kind = "multi_worker"
+
+    def __init__(
+        self,
+        cluster: Cluster | Mapping | str | None = None,
+        communication: str = "auto",
+        pack_bytes: int = 0,
+        collective_timeout_s: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
+        heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+        register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S,
+    ):
+        compat.apply_keras_fixes()
+        if communication not in COMMUNICATION:
+            raise ValueError(
+                f"MultiWorker(communication={communication!r}): use one of "
+                f"{list(COMMUNICATION)}."
+            )
+        if pack_bytes < 0:
+            raise ValueError(f"MultiWorker(pack_bytes={pack_bytes}): must be >= 0.")
+        for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
+                            ("register_timeout_s", register_timeout_s),
+                            ("collective_timeout_s", collective_timeout_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"MultiWorker({name}={value}): must be > 0 seconds.")
+        if cluster is None:
+            cluster = Cluster.from_env()
+            if cluster is None:
+                raise ClusterConfigError(
+                    "MultiWorker needs a cluster, but TF_CONFIG is not set. Run "
+                    "the script under `tfpar launch --nproc N -- ...`, set "
+                    "TF_CONFIG, or pass --worker_hosts and --task_index."
+                )
+        elif not isinstance(cluster, Cluster):
+            cluster = Cluster.from_tf_config(cluster)
+        if cluster.task_type not in ("chief", "worker"):
+            raise ClusterConfigError(
+                f"MultiWorker runs on chief and worker tasks; this task is "
+                f"{cluster.task_type!r}:{cluster.task_index}."
+            )
+        if compat.tensorflow_initialized():
+            raise DeviceConfigError(
+                "MultiWorker must be created before TensorFlow runs its first op "
+                "(it starts this process's server and joins the cluster). Create "
+                "the strategy at the top of main()."
+            )
+        compat.configure_coordination_service(
+            cluster,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+            register_timeout_s=register_timeout_s,
+        )
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({r: list(a) for r, a in cluster.jobs.items()}),
+            task_type=cluster.task_type,
+            task_id=cluster.task_index,
+            num_accelerators={"GPU": len(tf.config.list_physical_devices("GPU"))},
+            rpc_layer=cluster.rpc_layer,
+        )
+        implementation = {
+            "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+        }[communication]
+        options = tf.distribute.experimental.CommunicationOptions(
+            bytes_per_pack=pack_bytes,
+            timeout_seconds=collective_timeout_s,
+            implementation=implementation,
+        )
+        super().__init__(cluster_resolver=resolver, communication_options=options)
+        self.cluster = cluster
+        self.timeouts = {
+            "collective_s": collective_timeout_s,
+            "heartbeat_s": heartbeat_timeout_s,
+            "register_s": register_timeout_s,
+        }
+
+    @property
+    def num_workers(self) -> int:
+        return self.cluster.num_workers
+
+    @property
+    def worker_index(self) -> int:
+        return self.cluster.rank
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["cluster"] = self.cluster.to_tf_config()
+        info["timeouts"] = dict(self.timeouts)
+        return info
