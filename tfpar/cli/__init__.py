@@ -1,0 +1,1 @@
+"""The `tfpar` command line: a thin layer over the library."""

@@ -1,0 +1,126 @@
+"""`tfpar <command> [flags] [-- program ...]`.
+
+Commands:
+  info     devices, versions, the strategy the flags would build, the cluster
+  launch   run a command as N local workers (tfpar's torchrun)
+
+Each command is a thin layer over the library; flags are absl flags, so
+`tfpar info --strategy=data --num_simulated_devices=4` describes exactly
+what a training script given the same flags would build.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_bool("json", False, "info: print JSON instead of text.")
+flags.DEFINE_integer("nproc", 1, "launch: number of worker processes on this host.")
+flags.DEFINE_integer("max_restarts", 0,
+                     "launch: restart the whole group this many times after a "
+                     "failure (the script resumes from its BackupAndRestore backup).")
+flags.DEFINE_float("grace_period", 10.0,
+                   "launch: seconds between SIGTERM and SIGKILL when stopping ranks.")
+
+COMMANDS = ("info", "launch")
+USAGE = (
+    "usage: tfpar <command> [flags] [-- program args...]\n"
+    "commands:\n"
+    "  info [--json] [strategy flags]   what this process would run on\n"
+    "  launch --nproc N [--max_restarts R] -- python train.py [flags]\n"
+)
+
+
+def info() -> dict:
+    """Devices, versions, the strategy the flags would build, the cluster."""
+    import keras
+    import tensorflow as tf
+
+    from tfpar import __version__
+    from tfpar.devices import simulate_devices
+
+    if FLAGS.num_simulated_devices:
+        simulate_devices(FLAGS.num_simulated_devices)
+    cluster = tfpar_flags.cluster_from_flags()
+    name = tfpar_flags.resolve_strategy_name()
+    devices = [d.name for d in tf.config.list_logical_devices()]
+    gpus = [d for d in devices if "GPU" in d]
+    replicas = {"one_device": 1, "data": len(gpus) or sum("CPU" in d for d in devices),
+                "multi_worker": (len(gpus) or 1) * (cluster.num_workers if cluster else 1)}
+    return {
+        "tfpar": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "devices": devices,
+        "strategy": {
+            "name": name,
+            "replicas": replicas.get(name),
+            "precision": FLAGS.precision,
+        },
+        "cluster": None if cluster is None else {
+            "tf_config": cluster.to_tf_config(),
+            "num_workers": cluster.num_workers,
+            "is_chief": cluster.is_chief,
+            "rank": cluster.rank if cluster.task_type in ("chief", "worker") else None,
+        },
+    }
+
+
+def _print_info(report: dict) -> None:
+    s = report["strategy"]
+    print(f"tfpar {report['tfpar']}  TensorFlow {report['tensorflow']}  "
+          f"Keras {report['keras']} ({report['keras_backend']} backend)")
+    print(f"devices:  {', '.join(report['devices'])}")
+    print(f"strategy: {s['name']} ({s['replicas']} replica(s), precision {s['precision']})")
+    c = report["cluster"]
+    if c is None:
+        print("cluster:  none (single process)")
+    else:
+        role = "chief" if c["is_chief"] else "worker"
+        print(f"cluster:  {c['num_workers']} worker(s); this is rank {c['rank']} ({role})")
+        print(f"TF_CONFIG: {json.dumps(c['tf_config'])}")
+
+
+def main(argv: list[str]) -> int:
+    args = argv[1:]
+    if not args or args[0] not in COMMANDS:
+        sys.stderr.write(USAGE)
+        return 2
+    command, rest = args[0], args[1:]
+    if command == "info":
+        if rest:
+            sys.stderr.write(f"tfpar info: unexpected arguments {rest}\n{USAGE}")
+            return 2
+        report = info()
+        if FLAGS.json:
+            print(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            _print_info(report)
+        return 0
+    from tfpar.launch import Launcher, LaunchError
+
+    try:
+        launcher = Launcher(nproc=FLAGS.nproc, max_restarts=FLAGS.max_restarts,
+                            grace_period_s=FLAGS.grace_period)
+        return launcher.run(rest)
+    except LaunchError as e:
+        sys.stderr.write(f"tfpar launch: {e}\n")
+        return 2
+
+
+def run() -> None:
+    """Console-script entry point."""
+    # absl stops parsing at "--": the launched program's own flags are left
+    # untouched for it.
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,260 @@
+"""Runs N copies of a training command on this host as one multi-worker job.
+
+tfpar's torchrun: picks free ports on 127.0.0.1, gives each process its own
+TF_CONFIG, prefixes every output line with the process's rank, and watches
+the group. When any process fails it stops the others (SIGTERM to each
+process group, SIGKILL after a grace period, so no child is left behind),
+reports the failed rank with its last lines, and either exits non-zero or,
+with `max_restarts`, starts the whole group again (a training script with
+`tfpar.callbacks.BackupAndRestore` then resumes from its backup).
+
+Example::
+
+    $ tfpar launch --nproc 2 -- python train.py --strategy=multi_worker
+    [rank 0] Epoch 1/3
+    ...
+
+This module does not import TensorFlow: the launcher starts in milliseconds
+and its own failures cannot be TensorFlow's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Mapping, Sequence, TextIO
+
+from tfpar.cluster import Cluster
+
+# Environment each process gets besides TF_CONFIG.
+ENV_RANK = "TFPAR_RANK"
+ENV_WORLD_SIZE = "TFPAR_WORLD_SIZE"
+ENV_RESTART = "TFPAR_RESTART_COUNT"
+
+# Keras progress output, which only the chief's stream keeps: the bar lines
+# ("4/4 ━━━━ 0s 3ms/step - loss: ...", or "[=====>...]" in older Keras) and
+# the "Epoch 1/3" headers that go with them.
+_PROGRESS_LINE = re.compile(r"━|^\s*\d+/\d+ \[[=>.]*\]|^Epoch \d+/\d+\s*$")
+
+
+class LaunchError(RuntimeError):
+    """The launch cannot start (bad arguments, no command)."""
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago on `host`."""
+    sockets, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclasses.dataclass
+class _Worker:
+    rank: int
+    process: subprocess.Popen
+    tail: collections.deque
+    reader: threading.Thread
+
+
+@dataclasses.dataclass
+class Launcher:
+    """A local multi-worker launch.
+
+    Attributes:
+      nproc: number of processes (workers); rank 0 is the chief.
+      max_restarts: restarts of the whole group after a failure.
+      grace_period_s: how long stopped processes get between SIGTERM and
+        SIGKILL (time to write a checkpoint).
+      host: the address every worker binds and is reached at.
+      tail_lines: lines of a failed process's output to show.
+      env: extra environment for every process.
+      out: where the prefixed output goes.
+    """
+
+    nproc: int
+    max_restarts: int = 0
+    grace_period_s: float = 10.0
+    host: str = "127.0.0.1"
+    tail_lines: int = 20
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    out: TextIO = sys.stdout
+
+    def __post_init__(self):
+        if self.nproc < 1:
+            raise LaunchError(f"--nproc={self.nproc}: must be >= 1.")
+        if self.max_restarts < 0:
+            raise LaunchError(f"--max_restarts={self.max_restarts}: must be >= 0.")
+        if self.grace_period_s < 0:
+            raise LaunchError(f"--grace_period={self.grace_period_s}: must be >= 0.")
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._stopping = False
+
+    # ----------------------------------------------------------------- output
+    def _say(self, line: str) -> None:
+        with self._lock:
+            self.out.write(line if line.endswith("\n") else line + "\n")
+            self.out.flush()
+
+    def _pump(self, rank: int, stream, tail: collections.deque) -> None:
+        is_chief = rank == 0
+        buffer = b""
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            # Progress bars redraw with '\r'; each redraw is a line of its own.
+            parts = re.split(rb"\r\n|\n|\r", buffer)
+            buffer = parts.pop()
+            for raw in parts:
+                self._emit(rank, raw, is_chief, tail)
+        if buffer:
+            self._emit(rank, buffer, is_chief, tail)
+
+    def _emit(self, rank, raw: bytes, is_chief: bool, tail) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        if not line:
+            return
+        tail.append(line)
+        if not is_chief and _PROGRESS_LINE.search(line):
+            return
+        self._say(f"[rank {rank}] {line}")
+
+    # ------------------------------------------------------------ processes
+    def _start(self, command: Sequence[str], attempt: int) -> None:
+        ports = free_ports(self.nproc, self.host)
+        cluster = Cluster.from_hosts([f"{self.host}:{p}" for p in ports])
+        self._workers = []
+        for rank in range(self.nproc):
+            env = dict(os.environ)
+            env.update(self.env)
+            env.update({
+                "TF_CONFIG": cluster.for_task("worker", rank).to_json(),
+                ENV_RANK: str(rank),
+                ENV_WORLD_SIZE: str(self.nproc),
+                ENV_RESTART: str(attempt),
+                "PYTHONUNBUFFERED": "1",
+            })
+            process = subprocess.Popen(
+                list(command), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                # A session of its own: the group can be signalled as a whole,
+                # children of the training script included.
+                start_new_session=True,
+            )
+            tail = collections.deque(maxlen=self.tail_lines)
+            reader = threading.Thread(target=self._pump, args=(rank, process.stdout, tail),
+                                      daemon=True)
+            reader.start()
+            self._workers.append(_Worker(rank, process, tail, reader))
+
+    def _signal_group(self, worker: _Worker, sig: int) -> None:
+        try:
+            os.killpg(worker.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop_all(self) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after the grace period."""
+        for w in self._workers:
+            self._signal_group(w, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_period_s
+        for w in self._workers:
+            try:
+                w.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for w in self._workers:
+            # The group may hold children even when the leader has exited.
+            self._signal_group(w, signal.SIGKILL)
+            w.process.wait()
+            w.reader.join(timeout=5)
+
+    def _watch(self) -> _Worker | None:
+        """Waits until every process succeeded (None) or one failed (it)."""
+        while True:
+            running = False
+            for w in self._workers:
+                code = w.process.poll()
+                if code is None:
+                    running = True
+                elif code != 0:
+                    return w
+            if not running:
+                return None
+            time.sleep(0.05)
+
+    def run(self, command: Sequence[str]) -> int:
+        """Runs the group (restarting it up to max_restarts); returns the exit code."""
+        if not command:
+            raise LaunchError(
+                "no command to launch; put it after '--', e.g. "
+                "`tfpar launch --nproc 2 -- python train.py`."
+            )
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            self._stopping = True
+            self._say(f"tfpar launch: got {signal.Signals(signum).name}; stopping all ranks")
+            self.stop_all()
+            raise SystemExit(128 + signum)
+
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
+            for s in previous:
+                signal.signal(s, on_signal)
+        try:
+            for attempt in range(self.max_restarts + 1):
+                self._start(command, attempt)
+                failed = self._watch()
+                if failed is None:
+                    for w in self._workers:
+                        w.reader.join(timeout=5)
+                    return 0
+                code = failed.process.returncode
+                failed.reader.join(timeout=2)
+                self.stop_all()
+                tail = "\n".join(f"    {line}" for line in failed.tail)
+                self._say(
+                    f"tfpar launch: rank {failed.rank} (pid {failed.process.pid}) "
+                    f"failed ({_describe_exit(code)}); stopped the other "
+                    f"{self.nproc - 1} rank(s). Last lines of rank {failed.rank}:\n{tail}"
+                )
+                if attempt < self.max_restarts:
+                    self._say(f"tfpar launch: restarting all {self.nproc} ranks "
+                              f"(restart {attempt + 1} of {self.max_restarts})")
+                    continue
+                return code if code > 0 else 128 - code
+        finally:
+            if in_main_thread:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+            if not self._stopping:
+                self.stop_all()
+        return 1
