@@ -32,10 +32,15 @@ _LAZY = {
     "set_precision": "tfpar.precision",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch",
+               "precision", "strategies")
+
+__all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tfpar.{name}")
     raise AttributeError(f"module 'tfpar' has no attribute {name!r}")

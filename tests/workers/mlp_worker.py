@@ -1,0 +1,117 @@
+"""A training script driven by tfpar's flags, run by the multi-process tests.
+
+It is what a user's script looks like (strategy from flags, build and compile
+under the scope, `model.fit`), plus a few test hooks: fixed initial weights,
+writing the final weights, killing itself at an epoch, removing a Keras fix.
+"""
+
+import json
+import os
+import signal
+import sys
+
+from absl import app, flags
+
+import tfpar
+from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
+
+flags.DEFINE_string("out", None, "Write final weights (.npz) and a report (.json) here.")
+flags.DEFINE_integer("epochs", 3, "Epochs.")
+flags.DEFINE_integer("examples", 256, "Training examples.")
+flags.DEFINE_string("backup_dir", None, "BackupAndRestore directory.")
+flags.DEFINE_string("checkpoint_path", None, "ModelCheckpoint file path (.weights.h5 or .keras).")
+flags.DEFINE_string("save_path", None, "model.save() path after fit.")
+flags.DEFINE_integer("kill_at_epoch", -1, "SIGKILL this process at the start of this epoch...")
+flags.DEFINE_integer("kill_rank", 1, "... if it is this rank ...")
+flags.DEFINE_string("kill_once_marker", None, "... and this file does not exist yet (it is created).")
+flags.DEFINE_multi_string("without_fix", [], "Remove this tfpar.compat Keras fix.")
+flags.DEFINE_float("sleep_per_batch", 0.0, "Seconds to sleep after each batch (slow runs).")
+FLAGS = flags.FLAGS
+
+
+def make_data(n):
+    import numpy as np
+
+    rng = np.random.RandomState(42)
+    x = rng.normal(size=(n, 16)).astype("float32")
+    w = rng.normal(size=(16, 4)).astype("float32")
+    y = np.tanh(x @ w) + 0.1 * rng.normal(size=(n, 4)).astype("float32")
+    return x, y.astype("float32")
+
+
+def initial_weights(model):
+    import numpy as np
+
+    rng = np.random.RandomState(7)
+    return [rng.normal(scale=0.3, size=w.shape).astype("float32") for w in model.get_weights()]
+
+
+def main(argv):
+    import keras
+    import numpy as np
+
+    from tfpar import compat
+    from tfpar.callbacks import BackupAndRestore
+
+    strategy = tfpar.from_flags()
+    if FLAGS.without_fix:
+        compat.remove_keras_fixes(*FLAGS.without_fix)
+    rank = strategy.worker_index
+    batch = tfpar_flags.global_batch_size(strategy, default=32)
+    x, y = make_data(FLAGS.examples)
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((16,)),
+            keras.layers.Dense(32, activation="tanh"),
+            keras.layers.Dense(4),
+        ])
+        model.set_weights(initial_weights(model))
+        model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=1e-3),
+                      loss="mse", metrics=["mae"])
+    dataset = tfpar.data.from_arrays((x, y), strategy, global_batch_size=batch)
+
+    callbacks = []
+    if FLAGS.backup_dir:
+        callbacks.append(BackupAndRestore(FLAGS.backup_dir, delete_checkpoint=False))
+    if FLAGS.checkpoint_path:
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            FLAGS.checkpoint_path,
+            save_weights_only=FLAGS.checkpoint_path.endswith(".weights.h5")))
+
+    class Hooks(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            marker = FLAGS.kill_once_marker
+            if (epoch == FLAGS.kill_at_epoch and rank == FLAGS.kill_rank
+                    and not (marker and os.path.exists(marker))):
+                if marker:
+                    open(marker, "w").close()
+                print(f"test hook: rank {rank} kills itself at epoch {epoch}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if FLAGS.sleep_per_batch:
+                import time
+
+                time.sleep(FLAGS.sleep_per_batch)
+
+    history = model.fit(dataset, epochs=FLAGS.epochs, verbose=2 if rank == 0 else 0,
+                        callbacks=callbacks + [Hooks()])
+    if FLAGS.save_path:
+        model.save(FLAGS.save_path)
+    if FLAGS.out:
+        weights = model.get_weights()
+        path = f"{FLAGS.out}.rank{rank}"
+        np.savez(path + ".npz", *weights)
+        with open(path + ".json", "w") as f:
+            json.dump({
+                "history": history.history,
+                "steps": int(model.optimizer.iterations.numpy()),
+                "replicas": strategy.num_replicas_in_sync,
+                "workers": strategy.num_workers,
+                "strategy": strategy.kind,
+            }, f)
+    print(f"rank {rank} done", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
