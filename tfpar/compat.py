@@ -134,6 +134,33 @@ def _chief_only_writer(upstream):
     return write
 
 
+# ---------------------------------------------------------------------------
+# Fix 4: directory creation races between workers.
+# Keras callbacks (ModelCheckpoint, BackupAndRestore) and saving_lib create
+# directories with "if not exists(d): os.makedirs(d)"; two workers sharing a
+# checkpoint directory both see it missing and one fails with FileExistsError.
+# Creating a directory that a peer just created is success.
+# ---------------------------------------------------------------------------
+def _make_makedirs(upstream):
+    @functools.wraps(upstream)
+    def makedirs(path):
+        try:
+            return upstream(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
+
+    makedirs._tfpar_upstream = upstream
+    return makedirs
+
+
+def _install_makedirs_race(install: bool) -> None:
+    from keras.src.utils import file_utils  # private, pinned
+
+    file_utils.makedirs = (_make_makedirs(file_utils.makedirs) if install
+                           else file_utils.makedirs._tfpar_upstream)
+
+
 def _install_symbolic_build(install: bool) -> None:
     cls = _trainer_module().TensorFlowTrainer
     if install:
@@ -163,6 +190,7 @@ KERAS_FIXES = {
     "symbolic_build": _install_symbolic_build,
     "reduce_scalar_metrics": _install_reduce_scalar_metrics,
     "chief_only_writes": _install_chief_only_writes,
+    "makedirs_race": _install_makedirs_race,
 }
 _installed: set[str] = set()
 

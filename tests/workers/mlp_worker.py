@@ -94,10 +94,10 @@ def main(argv):
 
                 time.sleep(FLAGS.sleep_per_batch)
 
-    history = model.fit(dataset, epochs=FLAGS.epochs, verbose=2 if rank == 0 else 0,
+    history = model.fit(dataset, epochs=FLAGS.epochs, verbose=2,
                         callbacks=callbacks + [Hooks()])
     if FLAGS.save_path:
-        model.save(FLAGS.save_path)
+        model.save(FLAGS.save_path.format(rank=rank))
     if FLAGS.out:
         weights = model.get_weights()
         path = f"{FLAGS.out}.rank{rank}"

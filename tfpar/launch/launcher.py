@@ -40,9 +40,11 @@ ENV_WORLD_SIZE = "TFPAR_WORLD_SIZE"
 ENV_RESTART = "TFPAR_RESTART_COUNT"
 
 # Keras progress output, which only the chief's stream keeps: the bar lines
-# ("4/4 ━━━━ 0s 3ms/step - loss: ...", or "[=====>...]" in older Keras) and
-# the "Epoch 1/3" headers that go with them.
-_PROGRESS_LINE = re.compile(r"━|^\s*\d+/\d+ \[[=>.]*\]|^Epoch \d+/\d+\s*$")
+# ("4/4 ━━━━ 0s 3ms/step - loss: ..." with verbose=1, "8/8 - 1s - 30ms/step -
+# loss: ..." with verbose=2, "[=====>...]" in older Keras) and the
+# "Epoch 1/3" headers that go with them.
+_PROGRESS_LINE = re.compile(
+    r"━|^\s*\d+/\d+ \[[=>.]*\]|^\s*\d+/\d+ - .*step|^Epoch \d+/\d+\s*$")
 
 
 class LaunchError(RuntimeError):
