@@ -14,9 +14,8 @@ Example::
 
 from __future__ import annotations
 
-import tensorflow as tf
-
-from tfpar import compat
+# TensorFlow is imported inside the functions: the launcher and the CLI import
+# this module for its error type and must start without TensorFlow.
 
 
 class DeviceConfigError(RuntimeError):
@@ -39,6 +38,10 @@ def simulate_devices(n: int) -> list[str]:
             f"simulate_devices(n={n!r}): n must be a positive integer "
             "(the number of logical CPU devices)."
         )
+    import tensorflow as tf
+
+    from tfpar import compat
+
     cpu = tf.config.list_physical_devices("CPU")[0]
     wanted = [tf.config.LogicalDeviceConfiguration()] * n
     current = tf.config.get_logical_device_configuration(cpu)
@@ -59,6 +62,8 @@ def simulate_devices(n: int) -> list[str]:
 
 def local_devices() -> list[str]:
     """The devices a data-parallel strategy uses by default: GPUs, else CPUs."""
+    import tensorflow as tf
+
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         return [d.name for d in gpus]

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags
 
 from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
+from tfpar.cluster import ClusterConfigError
+from tfpar.devices import DeviceConfigError, simulate_devices
 
 FLAGS = flags.FLAGS
 
@@ -43,7 +45,6 @@ def info() -> dict:
     import tensorflow as tf
 
     from tfpar import __version__
-    from tfpar.devices import simulate_devices
 
     if FLAGS.num_simulated_devices:
         simulate_devices(FLAGS.num_simulated_devices)
@@ -94,6 +95,14 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(USAGE)
         return 2
     command, rest = args[0], args[1:]
+    try:
+        return _dispatch(command, rest)
+    except (ClusterConfigError, DeviceConfigError) as e:
+        sys.stderr.write(f"tfpar {command}: {e}\n")
+        return 2
+
+
+def _dispatch(command: str, rest: list[str]) -> int:
     if command == "info":
         if rest:
             sys.stderr.write(f"tfpar info: unexpected arguments {rest}\n{USAGE}")
