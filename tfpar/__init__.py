@@ -28,11 +28,12 @@ _LAZY = {
     "OneDevice": "tfpar.strategies",
     "DataParallel": "tfpar.strategies",
     "MultiWorker": "tfpar.strategies",
+    "TensorParallel": "tfpar.strategies",
     "from_flags": "tfpar.flags",
     "set_precision": "tfpar.precision",
 }
 
-_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch",
+_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch", "layouts", "mesh",
                "precision", "strategies")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]

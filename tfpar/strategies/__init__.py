@@ -3,3 +3,7 @@
 from tfpar.strategies.data_parallel import DataParallel, MultiWorker, OneDevice
 
 __all__ = ["OneDevice", "DataParallel", "MultiWorker"]
+
+from tfpar.strategies.tensor_parallel import TensorParallel  # noqa: E402
+
+__all__.append("TensorParallel")

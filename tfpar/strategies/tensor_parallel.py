@@ -1,0 +1,380 @@
+"""Tensor (model) parallelism for Keras 3 on TensorFlow, through DTensor layouts.
+
+Every Keras variable created under `TensorParallel.scope()` (layer weights,
+optimizer slots, the iteration counter, metric state, seed-generator state)
+becomes a `dtensor.DVariable` on the mesh, split as the LayoutMap says (the
+rest replicated). Optimizer slots follow their variable's layout. Models
+compiled in the scope train with the usual `fit`/`evaluate`/`predict`: tfpar
+swaps in step functions that pack each batch onto the mesh, split on the
+batch axis, and run the step as one DTensor SPMD program, in which DTensor
+inserts the all-reduces that tensor parallelism needs.
+
+Example::
+
+    tfpar.simulate_devices(4)
+    strategy = tfpar.TensorParallel("batch:2,model:2", "megatron")
+    with strategy.scope():
+        model = tfpar.models.gpt("tiny")
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=...)
+    model.fit(dataset, epochs=1)
+
+Keras's own `keras.distribution.ModelParallel` runs only on JAX; a LayoutMap
+written for it works here unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import threading
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+from tfpar import compat, layouts
+from tfpar.mesh import BATCH_AXIS, MeshError, build_mesh, client_id, num_clients, parse_mesh
+
+log = logging.getLogger("tfpar")
+
+_active = threading.local()
+
+
+def current() -> "TensorParallel | None":
+    """The TensorParallel whose scope is active in this thread, if any."""
+    stack = getattr(_active, "stack", None)
+    return stack[-1] if stack else None
+
+
+class TensorParallel:
+    """Splits weights over the "model" axis of a device mesh, batches over "batch".
+
+    Args:
+      mesh: "batch:2,model:2", or a `keras.distribution.DeviceMesh`.
+      layout_map: a `keras.distribution.LayoutMap` (regex on variable paths
+        -> axes), or a preset name: "megatron" (default) or "replicated".
+      batch_axis: the mesh axis that splits batches.
+      num_local_devices: devices per process for multi-client meshes on CPU
+        (`--num_simulated_devices`).
+
+    Attributes:
+      mesh: the `dtensor.Mesh`.
+      num_replicas_in_sync: the batch-axis size (a global batch must divide by it).
+    """
+
+    kind = "tensor"
+
+    def __init__(self, mesh="batch:1,model:1", layout_map="megatron", batch_axis: str = BATCH_AXIS,
+                 num_local_devices: int | None = None):
+        compat.configure_dtensor()
+        if isinstance(mesh, keras.distribution.DeviceMesh):
+            names, sizes = tuple(mesh.axis_names), tuple(mesh.shape)
+        else:
+            names, sizes = parse_mesh(mesh)
+        if batch_axis not in names:
+            raise MeshError(
+                f"mesh axes {list(names)} have no batch axis {batch_axis!r}; add it "
+                f"(size 1 for pure tensor parallelism), e.g. 'batch:1,model:{math.prod(sizes)}'."
+            )
+        self.mesh = build_mesh(names, sizes, num_local_devices=num_local_devices)
+        self.mesh_shape = dict(zip(names, sizes))
+        self.batch_axis = batch_axis
+        self.keras_mesh = keras.distribution.DeviceMesh(
+            sizes, names, devices=[f"{self.mesh.device_type()}:{i}" for i in range(math.prod(sizes))])
+        if isinstance(layout_map, str):
+            layout_map = layouts.preset(layout_map, self.keras_mesh)
+        if not isinstance(layout_map, keras.distribution.LayoutMap):
+            raise layouts.LayoutError(
+                f"layout_map={layout_map!r}: give a keras.distribution.LayoutMap or one of "
+                f"{list(layouts.PRESETS)}."
+            )
+        self.layout_map = layout_map
+        self._matched: set[str] = set()
+        self._warned_unmatched = False
+        self.variables: dict[str, tuple[tuple[int, ...], tuple]] = {}  # path -> (shape, axes)
+
+    # -------------------------------------------------------------- identity
+    @property
+    def num_replicas_in_sync(self) -> int:
+        return self.mesh_shape[self.batch_axis]
+
+    @property
+    def num_workers(self) -> int:
+        return num_clients()
+
+    @property
+    def worker_index(self) -> int:
+        return client_id()
+
+    @property
+    def is_chief(self) -> bool:
+        return client_id() == 0
+
+    def describe(self) -> dict:
+        return {"strategy": self.kind, "class": type(self).__name__,
+                "mesh": dict(self.mesh_shape), "replicas": self.num_replicas_in_sync,
+                "workers": self.num_workers, "worker_index": self.worker_index,
+                "devices": [str(d) for d in self.mesh.local_devices()]}
+
+    # ----------------------------------------------------------------- scope
+    @contextlib.contextmanager
+    def scope(self):
+        """Variables created inside live on the mesh; models compiled inside train on it."""
+        compat.apply_keras_fixes()
+        stack = getattr(_active, "stack", None)
+        if stack is None:
+            stack = _active.stack = []
+        stack.append(self)
+        try:
+            yield self
+        finally:
+            stack.pop()
+            self._warn_unmatched()
+
+    def _warn_unmatched(self):
+        if self._warned_unmatched or not self.variables:
+            return
+        unmatched = [k for k in self.layout_map if k not in self._matched]
+        if unmatched and self.layout_map is not None:
+            self._warned_unmatched = True
+            warnings.warn(
+                f"tfpar TensorParallel: layout keys {unmatched} matched no variable; "
+                "check them against the variable paths (model.weights[i].path).",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------- variables
+    def layout_for(self, path: str, shape) -> dtensor.Layout:
+        """The DTensor layout of the variable at `path` (validated)."""
+        keys = layouts.matching_keys(self.layout_map, path)
+        if len(keys) > 1:
+            raise layouts.LayoutError(
+                f"variable {path!r} matches several layout keys {keys}; make them exclusive."
+            )
+        rank = len(shape)
+        if not keys:
+            axes = (None,) * rank
+        else:
+            self._matched.add(keys[0])
+            axes = layouts.check_axes(path, shape, self.layout_map[keys[0]].axes, self.mesh_shape)
+        self.variables[path] = (tuple(int(d) for d in shape), axes)
+        return dtensor.Layout([a if a is not None else dtensor.UNSHARDED for a in axes], self.mesh)
+
+    def create_variable(self, keras_variable, value) -> dtensor.DVariable:
+        """Makes the DVariable behind a Keras variable (called from tfpar.compat)."""
+        with tf.init_scope():
+            if callable(value):
+                value = value()
+            value = tf.cast(tf.convert_to_tensor(value), keras_variable._dtype)
+        reference = keras_variable._layout
+        if isinstance(reference, dtensor.Layout):
+            layout = reference  # an optimizer slot follows its variable
+            self.variables[keras_variable.path] = (
+                tuple(value.shape), tuple(None if s == dtensor.UNSHARDED else s
+                                          for s in layout.sharding_specs))
+        else:
+            layout = self.layout_for(keras_variable.path, value.shape)
+            keras_variable._layout = layout
+        with tf.init_scope():
+            value = to_layout(value, layout)
+            return dtensor.DVariable(
+                value, trainable=keras_variable.trainable, name=keras_variable.name,
+                aggregation=keras_variable._map_aggregation(keras_variable.aggregation),
+                synchronization=keras_variable._map_synchronization(keras_variable.synchronization),
+            )
+
+    # ------------------------------------------------------------------ data
+    def pack_batch(self, batch):
+        """A host batch -> DTensors split on the batch axis.
+
+        Each process passes its own part of the global batch: all of it on one
+        process; with several clients, the rows for the batch shards its
+        devices hold (`tfpar.data` produces exactly that).
+        """
+        locations = self.mesh.local_device_locations()
+        shards = sorted({loc[self.batch_axis] for loc in locations})
+
+        def pack(x):
+            if x is None:
+                return None
+            x = tf.convert_to_tensor(x)
+            if x.shape.rank == 0:
+                return to_layout(x, dtensor.Layout.replicated(self.mesh, 0))
+            rows = int(x.shape[0])
+            if rows % len(shards):
+                raise ValueError(
+                    f"a batch of {rows} rows cannot be split over the {len(shards)} batch "
+                    f"shard(s) of this process (mesh {self.mesh_shape}); use batch sizes that "
+                    f"divide by {self.num_replicas_in_sync} (drop_remainder=True for training)."
+                )
+            parts = tf.split(x, len(shards))
+            components = [parts[shards.index(loc[self.batch_axis])] for loc in locations]
+            layout = dtensor.Layout.batch_sharded(self.mesh, self.batch_axis, x.shape.rank)
+            return dtensor.pack(components, layout)
+
+        return tf.nest.map_structure(pack, batch)
+
+    def to_host(self, value):
+        """A DTensor (any layout) -> the whole tensor on this host."""
+        if value is None or not _is_dtensor(value):
+            return value
+        layout = dtensor.fetch_layout(value)
+        if not layout.is_fully_replicated():
+            value = dtensor.relayout(value, dtensor.Layout.replicated(layout.mesh, layout.rank))
+        return dtensor.unpack(value)[0]
+
+    # --------------------------------------------------------------- models
+    def register(self, model: keras.Model) -> None:
+        """Gives a model compiled in scope DTensor step functions (idempotent)."""
+        if getattr(model, "_tfpar_tensor_parallel", None) is self:
+            return
+        if model.jit_compile is True:
+            raise ValueError(
+                "TensorParallel runs DTensor SPMD programs, which do not combine with "
+                "jit_compile=True here; compile with jit_compile=False."
+            )
+        model.jit_compile = False
+        model._tfpar_tensor_parallel = self
+        strategy = self
+
+        def make_train_function(force=False):
+            if model.train_function is None or force:
+                model.train_function = strategy._make_function(model, model.train_step)
+            return model.train_function
+
+        def make_test_function(force=False):
+            if model.test_function is None or force:
+                model.test_function = strategy._make_function(model, model.test_step)
+            return model.test_function
+
+        def make_predict_function(force=False):
+            if model.predict_function is None or force:
+                model.predict_function = strategy._make_predict_function(model)
+            return model.predict_function
+
+        model.make_train_function = make_train_function
+        model.make_test_function = make_test_function
+        model.make_predict_function = make_predict_function
+        model.train_function = model.test_function = model.predict_function = None
+        for name in ("fit", "evaluate", "predict", "train_on_batch", "test_on_batch",
+                     "predict_on_batch"):
+            setattr(model, name, self._in_scope(getattr(model, name)))
+        if model.optimizer is not None:
+            model.optimizer.apply = _densify_gradients(model.optimizer.apply)
+
+    def _in_scope(self, method):
+        @functools.wraps(method)
+        def wrapped(*args, **kwargs):
+            with self.scope():
+                return method(*args, **kwargs)
+
+        return wrapped
+
+    def _make_function(self, model, step_function):
+        compiled = tf.function(step_function, reduce_retracing=True)
+
+        def function(iterator):
+            outputs = None
+            for _ in range(model.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+                outputs = compiled(self.pack_batch(data))
+            if outputs is None:
+                raise StopIteration
+            return tf.nest.map_structure(self.to_host, outputs)
+
+        return function
+
+    def _make_predict_function(self, model):
+        compiled = tf.function(model.predict_step, reduce_retracing=True)
+
+        def function(data):
+            outputs = []
+            for batch in data:
+                rows = _rows(batch)
+                padded, pad = self._pad(batch, rows)
+                result = tf.nest.map_structure(self.to_host, compiled(self.pack_batch(padded)))
+                outputs.append(tf.nest.map_structure(lambda t: t[: rows], result) if pad else result)
+            return tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *outputs)
+
+        return function
+
+    def _pad(self, batch, rows):
+        """Pads a partial prediction batch to a multiple of the batch shards."""
+        shards = len({loc[self.batch_axis] for loc in self.mesh.local_device_locations()})
+        pad = -rows % shards
+        if not pad:
+            return batch, 0
+
+        def pad_one(x):
+            if x is None or tf.convert_to_tensor(x).shape.rank == 0:
+                return x
+            x = tf.convert_to_tensor(x)
+            return tf.concat([x, tf.repeat(x[-1:], pad, axis=0)], axis=0)
+
+        return tf.nest.map_structure(pad_one, batch), pad
+
+    # ---------------------------------------------------------------- memory
+    def memory_report(self, model: keras.Model) -> dict:
+        """Per-device bytes of parameters and optimizer state, from the real variables."""
+        def per_device(variables):
+            total = 0
+            for v in variables:
+                value = getattr(v, "_value", v)
+                itemsize = np.dtype(v.dtype if isinstance(v.dtype, str) else v.dtype.name).itemsize
+                if isinstance(value, dtensor.DVariable):
+                    component = dtensor.unpack(value.read_value())[0]
+                    total += int(np.prod(component.shape)) * itemsize
+                else:
+                    total += int(np.prod(v.shape)) * itemsize
+            return total
+
+        params = per_device(model.weights)
+        optimizer = per_device(model.optimizer.variables) if model.optimizer is not None else 0
+        full = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+        return {"parameter_bytes_per_device": params, "optimizer_bytes_per_device": optimizer,
+                "parameter_bytes_total": full, "model_axis_size": self.mesh_shape.get("model", 1)}
+
+
+def _rows(batch):
+    first = next(t for t in tf.nest.flatten(batch) if t is not None)
+    return int(tf.convert_to_tensor(first).shape[0])
+
+
+def _is_dtensor(value) -> bool:
+    if isinstance(value, dtensor.DVariable):
+        return True
+    try:
+        return tf.executing_eagerly() and dtensor.is_dtensor(value)
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def to_layout(value, layout: dtensor.Layout):
+    """A host tensor -> a DTensor with `layout` (every process passes the whole value)."""
+    value = dtensor.copy_to_mesh(value, dtensor.Layout.replicated(layout.mesh, layout.rank))
+    if layout.is_fully_replicated():
+        return value
+    return dtensor.relayout(value, layout)
+
+
+def _densify_gradients(apply):
+    """Embedding gradients arrive as IndexedSlices, whose scatter updates DTensor
+    cannot lay out (ResourceScatterSub has no layout propagation); a dense
+    gradient gives the same update."""
+    if getattr(apply, "_tfpar_densified", False):
+        return apply
+
+    @functools.wraps(apply)
+    def wrapped(grads, *args, **kwargs):
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        return apply(grads, *args, **kwargs)
+
+    wrapped._tfpar_densified = True
+    return wrapped
