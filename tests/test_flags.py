@@ -26,7 +26,10 @@ def parse(*argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--strategy=tensor"], "tensor parallelism (DTensor layouts) is not available"),
+    (["--mesh=batch:2,model"], "is not 'axis:size'"),
+    (["--mesh=model:4"], "needs a 'batch' axis"),
+    (["--mesh=batch:2,batch:2"], "appears twice"),
+    (["--layouts=zigzag"], "--layouts=zigzag: use 'megatron' or 'replicated'"),
     (["--strategy=pipeline"], "pipeline parallelism (staged runner) is not available"),
     (["--global_batch_size=64", "--per_replica_batch_size=16"], "were both given; give one"),
     (["--global_batch_size=0"], "--global_batch_size=0: must be > 0"),

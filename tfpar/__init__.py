@@ -33,7 +33,7 @@ _LAZY = {
     "set_precision": "tfpar.precision",
 }
 
-_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch", "layouts", "mesh",
+_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch", "layouts", "mesh", "models",
                "precision", "strategies")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]

@@ -36,7 +36,6 @@ ALL_REDUCE = ("auto", "nccl", "ring", "hierarchical_copy", "reduce_to_one")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Strategies whose flags exist but whose implementation has not landed yet.
 NOT_YET_AVAILABLE = {
-    "tensor": "tensor parallelism (DTensor layouts)",
     "pipeline": "pipeline parallelism (staged runner)",
 }
 
@@ -87,6 +86,12 @@ _define(flags.DEFINE_integer, "global_batch_size", None,
 _define(flags.DEFINE_integer, "per_replica_batch_size", None,
         "Examples per optimizer step on each replica (device); the global "
         "batch is this times the number of replicas.")
+_define(flags.DEFINE_string, "mesh", None,
+        "tensor: the device mesh, e.g. 'batch:2,model:2' (batch x model = devices "
+        "over all processes). Default: 'batch:1,model:N' over the N devices.")
+_define(flags.DEFINE_string, "layouts", "megatron",
+        "tensor: how weights are split: 'megatron' (column/row-parallel MLP, "
+        "attention by heads, vocabulary-split embedding) or 'replicated'.")
 _define(flags.DEFINE_enum, "precision", "float32", PRECISIONS,
         "Keras dtype policy. mixed_float16 adds dynamic loss scaling.")
 
@@ -104,6 +109,18 @@ def _strategy_available(f) -> bool:
                   f"--strategy={strategy}: {NOT_YET_AVAILABLE.get(strategy)} is not "
                   "available in this tfpar version yet. Use --strategy=data (one "
                   "host) or --strategy=multi_worker (many hosts).")
+
+
+def _mesh_ok(spec) -> bool:
+    from tfpar.mesh import MeshError, parse_mesh
+
+    try:
+        names, _ = parse_mesh(spec)
+    except MeshError as e:
+        return _check(False, f"--mesh: {e}")
+    return _check("batch" in names,
+                  f"--mesh={spec}: needs a 'batch' axis (size 1 for pure tensor "
+                  "parallelism), e.g. 'batch:1,model:4'.")
 
 
 def _one_batch_size(f) -> bool:
@@ -165,6 +182,11 @@ def _all_reduce_fits_strategy(f) -> bool:
 # Each rule is registered on its own, so an error names only its own flags.
 flags.register_validator("strategy", lambda v: _strategy_available({"strategy": v}),
                          message="--strategy not available")
+flags.register_validator("mesh", lambda v: v is None or _mesh_ok(v))
+flags.register_validator("layouts", lambda v: _check(
+    v in ("megatron", "replicated"),
+    f"--layouts={v}: use 'megatron' or 'replicated' (custom LayoutMaps are given in code: "
+    "tfpar.TensorParallel(mesh, layout_map))."))
 for _name in ("num_simulated_devices", "pack_bytes", "collective_timeout"):
     flags.register_validator(_name, _non_negative(_name))
 for _name in ("heartbeat_timeout", "register_timeout"):
@@ -223,8 +245,12 @@ def from_flags():
     from tfpar.devices import simulate_devices
     from tfpar.precision import set_precision
 
+    from tfpar.mesh import num_clients
+
     name = resolve_strategy_name()
-    if FLAGS.num_simulated_devices:
+    # A multi-client DTensor mesh makes its own logical devices
+    # (dtensor.initialize_accelerator_system); splitting them here would clash.
+    if FLAGS.num_simulated_devices and not (name == "tensor" and num_clients() > 1):
         simulate_devices(FLAGS.num_simulated_devices)
     set_precision(FLAGS.precision)
     if name == "one_device":
@@ -246,7 +272,24 @@ def from_flags():
             heartbeat_timeout_s=FLAGS.heartbeat_timeout,
             register_timeout_s=FLAGS.register_timeout,
         )
+    if name == "tensor":
+        return _tensor_from_flags()
     raise ValueError(f"--strategy={name}: {NOT_YET_AVAILABLE.get(name, 'unknown')}")
+
+
+def _tensor_from_flags():
+    from tfpar.mesh import num_clients
+    from tfpar.strategies import TensorParallel
+
+    mesh = FLAGS.mesh
+    if mesh is None:
+        import tensorflow as tf
+
+        devices = (len(tf.config.list_logical_devices("GPU"))
+                   or len(tf.config.list_logical_devices("CPU")))
+        mesh = f"batch:1,model:{devices * num_clients()}"
+    return TensorParallel(mesh, FLAGS.layouts,
+                          num_local_devices=FLAGS.num_simulated_devices or None)
 
 
 def global_batch_size(strategy, default: int | None = None) -> int:

@@ -313,6 +313,19 @@ class Cluster:
         role = "chief" if "chief" in self.jobs else "worker"
         return f"/job:{role}/replica:0/task:0"
 
+    def dtensor_env(self) -> dict[str, str]:
+        """The DTENSOR_* variables that make the training tasks one DTensor mesh.
+
+        DTensor multi-client: every training task is a client, in rank order
+        (chief first), reached at its TF_CONFIG address.
+        """
+        return {
+            "DTENSOR_JOBS": ",".join(self.training_addresses),
+            "DTENSOR_CLIENT_ID": str(self.rank),
+            "DTENSOR_NUM_CLIENTS": str(self.num_workers),
+            "DTENSOR_JOB_NAME": "worker",
+        }
+
     def to_tf_config(self) -> dict:
         """The TF_CONFIG dict that TFConfigClusterResolver reads."""
         config = {

@@ -118,6 +118,13 @@ def batch_for(dataset: tf.data.Dataset, strategy, *, global_batch_size: int | No
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.batch(batch, drop_remainder=drop_remainder)
+    rows = getattr(strategy, "local_batch_rows", None)
+    if rows is not None and strategy.num_workers > 1:
+        # A multi-client DTensor mesh: each process feeds only the rows of the
+        # global batch that its devices hold.
+        start, stop = rows(batch)
+        dataset = dataset.map(lambda *x: tf.nest.map_structure(lambda t: t[start:stop],
+                                                               x if len(x) > 1 else x[0]))
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     policy = tf.data.experimental.AutoShardPolicy.DATA if shard_policy is None else shard_policy
     return _with_shard_policy(dataset, policy)

@@ -156,8 +156,13 @@ class Launcher:
         for rank in range(self.nproc):
             env = dict(os.environ)
             env.update(self.env)
+            task = cluster.for_task("worker", rank)
+            # Both descriptions of the same cluster: TF_CONFIG for
+            # tf.distribute (data parallelism), DTENSOR_* for DTensor meshes
+            # (tensor parallelism); a process uses the one its strategy needs.
+            env.update(task.dtensor_env())
             env.update({
-                "TF_CONFIG": cluster.for_task("worker", rank).to_json(),
+                "TF_CONFIG": task.to_json(),
                 ENV_RANK: str(rank),
                 ENV_WORLD_SIZE: str(self.nproc),
                 ENV_RESTART: str(attempt),

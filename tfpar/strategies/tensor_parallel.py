@@ -85,6 +85,9 @@ class TensorParallel:
         self.batch_axis = batch_axis
         self.keras_mesh = keras.distribution.DeviceMesh(
             sizes, names, devices=[f"{self.mesh.device_type()}:{i}" for i in range(math.prod(sizes))])
+        # A preset covers many layer types, most of which a model lacks; only a
+        # LayoutMap written for this model is checked for keys that match nothing.
+        self._check_unmatched = not isinstance(layout_map, str)
         if isinstance(layout_map, str):
             layout_map = layouts.preset(layout_map, self.keras_mesh)
         if not isinstance(layout_map, keras.distribution.LayoutMap):
@@ -136,10 +139,10 @@ class TensorParallel:
             self._warn_unmatched()
 
     def _warn_unmatched(self):
-        if self._warned_unmatched or not self.variables:
+        if self._warned_unmatched or not self.variables or not self._check_unmatched:
             return
         unmatched = [k for k in self.layout_map if k not in self._matched]
-        if unmatched and self.layout_map is not None:
+        if unmatched:
             self._warned_unmatched = True
             warnings.warn(
                 f"tfpar TensorParallel: layout keys {unmatched} matched no variable; "
@@ -188,6 +191,17 @@ class TensorParallel:
             )
 
     # ------------------------------------------------------------------ data
+    def local_batch_rows(self, global_batch_size: int) -> tuple[int, int]:
+        """[start, stop) rows of each global batch that this process feeds."""
+        shards = sorted({loc[self.batch_axis] for loc in self.mesh.local_device_locations()})
+        if shards != list(range(shards[0], shards[-1] + 1)):
+            raise MeshError(
+                f"this process's devices hold batch shards {shards}, which are not "
+                "contiguous; order the mesh so each process holds a contiguous range."
+            )
+        per_shard = global_batch_size // self.num_replicas_in_sync
+        return shards[0] * per_shard, (shards[-1] + 1) * per_shard
+
     def pack_batch(self, batch):
         """A host batch -> DTensors split on the batch axis.
 
