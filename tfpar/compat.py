@@ -246,6 +246,13 @@ def _install_dtensor_variables(install: bool) -> None:
         keras.Model.compile = keras.Model.compile._tfpar_upstream
 
 
+def dtensor_accelerator_system_initialized() -> bool:
+    """Whether dtensor.initialize_accelerator_system ran (no public API in TF 2.21)."""
+    from tensorflow.dtensor.python import accelerator_util  # private
+
+    return accelerator_util.is_initialized()
+
+
 def configure_dtensor() -> None:
     """Turns off DTensor's all-reduce-combining optimization.
 

@@ -75,7 +75,9 @@ def build_mesh(names, sizes, device_type: str | None = None, num_local_devices: 
         device_type = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     clients = num_clients()
     if clients > 1:
-        if not dtensor.is_initialized():
+        from tfpar import compat
+
+        if not compat.dtensor_accelerator_system_initialized():
             kwargs = {}
             if device_type == "CPU" and num_local_devices:
                 kwargs["num_logical_cpu_devices"] = num_local_devices

@@ -62,8 +62,9 @@ def main(argv):
     with strategy.scope():
         model = keras.Sequential([
             keras.Input((16,)),
-            keras.layers.Dense(32, activation="tanh"),
-            keras.layers.Dense(4),
+            # Named for the tensor-parallel "megatron" preset: column- then row-parallel.
+            keras.layers.Dense(32, activation="tanh", name="mlp_up"),
+            keras.layers.Dense(4, name="mlp_down"),
         ])
         model.set_weights(initial_weights(model))
         model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=1e-3),

@@ -278,7 +278,7 @@ class TensorParallel:
                      "predict_on_batch"):
             setattr(model, name, self._in_scope(getattr(model, name)))
         if model.optimizer is not None:
-            model.optimizer.apply = _densify_gradients(model.optimizer.apply)
+            use_dense_gradients(model.optimizer)
 
     def _in_scope(self, method):
         @functools.wraps(method)
@@ -378,10 +378,20 @@ def to_layout(value, layout: dtensor.Layout):
     return dtensor.relayout(value, layout)
 
 
-def _densify_gradients(apply):
-    """Embedding gradients arrive as IndexedSlices, whose scatter updates DTensor
-    cannot lay out (ResourceScatterSub has no layout propagation); a dense
-    gradient gives the same update."""
+def use_dense_gradients(optimizer) -> None:
+    """Makes `optimizer` turn IndexedSlices gradients (Embedding) into dense ones.
+
+    DTensor cannot lay out the scatter updates of sparse gradients
+    (ResourceScatterSub has no layout propagation), so TensorParallel models
+    always use dense ones. They are also the exact gradient: Keras's Adam
+    squares an IndexedSlices gradient slice by slice, so a row looked up twice
+    in a batch gets g1^2 + g2^2 in its second moment instead of (g1 + g2)^2.
+    A single-device run compared with a tensor-parallel one must use this too.
+    """
+    optimizer.apply = _densify(optimizer.apply)
+
+
+def _densify(apply):
     if getattr(apply, "_tfpar_densified", False):
         return apply
 
