@@ -171,7 +171,7 @@ def _install_makedirs_race(install: bool) -> None:
 # "Trying to copy a non-single-device and non-replicated DTensor": it is
 # gathered to a replicated layout first; assigning host values (set_weights,
 # load_weights) lays them out on the variable's mesh first.
-# Models compiled in the scope get DTensor step functions.
+# Models whose weights live on a mesh get DTensor step functions.
 # ---------------------------------------------------------------------------
 def _dtensor_variable_methods(cls):
     from tensorflow.experimental import dtensor
@@ -226,24 +226,44 @@ def _install_dtensor_variables(install: bool) -> None:
         Variable._tfpar_upstream = upstream
         for name, method in patched.items():
             setattr(Variable, name, method)
-        upstream_compile = keras.Model.compile
-
-        @functools.wraps(upstream_compile)
-        def compile(self, *args, **kwargs):
-            result = upstream_compile(self, *args, **kwargs)
-            from tfpar.strategies import tensor_parallel
-
-            strategy = tensor_parallel.current()
-            if strategy is not None:
-                strategy.register(self)
-            return result
-
-        compile._tfpar_upstream = upstream_compile
-        keras.Model.compile = compile
+        trainer = _trainer_module().TensorFlowTrainer
+        for name in _STEP_FACTORIES:
+            setattr(trainer, name, _dtensor_step_factory(getattr(trainer, name), name))
     else:
         for name, method in Variable._tfpar_upstream.items():
             setattr(Variable, name, method)
-        keras.Model.compile = keras.Model.compile._tfpar_upstream
+        trainer = _trainer_module().TensorFlowTrainer
+        for name in _STEP_FACTORIES:
+            setattr(trainer, name, getattr(trainer, name)._tfpar_upstream)
+
+
+# Keras's step-function factories and the trainer attribute each one sets.
+_STEP_FACTORIES = {"make_train_function": "train_function",
+                   "make_test_function": "test_function",
+                   "make_predict_function": "predict_function"}
+
+
+def _dtensor_step_factory(upstream, name):
+    attribute = _STEP_FACTORIES[name]
+
+    @functools.wraps(upstream)
+    def make(self, force=False):
+        from tfpar.strategies import tensor_parallel
+
+        strategy = tensor_parallel.strategy_of(self)
+        if strategy is None:
+            return upstream(self, force)
+        if getattr(self, attribute) is None or force:
+            if name == "make_predict_function":
+                function = strategy._make_predict_function(self)
+            else:
+                step = self.train_step if name == "make_train_function" else self.test_step
+                function = strategy._make_function(self, step)
+            setattr(self, attribute, function)
+        return getattr(self, attribute)
+
+    make._tfpar_upstream = upstream
+    return make
 
 
 def dtensor_accelerator_system_initialized() -> bool:

@@ -92,6 +92,7 @@ def config(size: str | GPTConfig) -> GPTConfig:
     return SIZES[size]
 
 
+@keras.saving.register_keras_serializable(package="tfpar")
 class TransformerBlock(keras.layers.Layer):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), causal attention."""
 
@@ -124,6 +125,7 @@ class TransformerBlock(keras.layers.Layer):
                 "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
 
 
+@keras.saving.register_keras_serializable(package="tfpar")
 class PositionEmbedding(keras.layers.Layer):
     """Looks up a learned embedding for each position of a token batch.
 

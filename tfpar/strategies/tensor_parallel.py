@@ -182,6 +182,7 @@ class TensorParallel:
         else:
             layout = self.layout_for(keras_variable.path, value.shape)
             keras_variable._layout = layout
+        keras_variable._tfpar_strategy = self  # how a model finds its strategy
         with tf.init_scope():
             value = to_layout(value, layout)
             return dtensor.DVariable(
@@ -242,53 +243,18 @@ class TensorParallel:
         return dtensor.unpack(value)[0]
 
     # --------------------------------------------------------------- models
-    def register(self, model: keras.Model) -> None:
-        """Gives a model compiled in scope DTensor step functions (idempotent)."""
-        if getattr(model, "_tfpar_tensor_parallel", None) is self:
-            return
-        if model.jit_compile is True:
-            raise ValueError(
-                "TensorParallel runs DTensor SPMD programs, which do not combine with "
-                "jit_compile=True here; compile with jit_compile=False."
-            )
-        model.jit_compile = False
-        model._tfpar_tensor_parallel = self
-        strategy = self
+    def _make_function(self, model, step_function):
+        """Keras's train/test function, with each batch packed onto the mesh.
 
-        def make_train_function(force=False):
-            if model.train_function is None or force:
-                model.train_function = strategy._make_function(model, model.train_step)
-            return model.train_function
-
-        def make_test_function(force=False):
-            if model.test_function is None or force:
-                model.test_function = strategy._make_function(model, model.test_step)
-            return model.test_function
-
-        def make_predict_function(force=False):
-            if model.predict_function is None or force:
-                model.predict_function = strategy._make_predict_function(model)
-            return model.predict_function
-
-        model.make_train_function = make_train_function
-        model.make_test_function = make_test_function
-        model.make_predict_function = make_predict_function
-        model.train_function = model.test_function = model.predict_function = None
-        for name in ("fit", "evaluate", "predict", "train_on_batch", "test_on_batch",
-                     "predict_on_batch"):
-            setattr(model, name, self._in_scope(getattr(model, name)))
+        Keras runs `steps_per_execution` steps in one graph loop that pulls
+        batches from the iterator inside the graph; a DTensor program needs
+        its inputs on the mesh, so batches are pulled and packed on the host
+        and each step is one compiled SPMD call. Variables created while a
+        step is traced (optimizer slots, metric state) are created in scope.
+        """
+        _warn_if_jit(model)
         if model.optimizer is not None:
             use_dense_gradients(model.optimizer)
-
-    def _in_scope(self, method):
-        @functools.wraps(method)
-        def wrapped(*args, **kwargs):
-            with self.scope():
-                return method(*args, **kwargs)
-
-        return wrapped
-
-    def _make_function(self, model, step_function):
         compiled = tf.function(step_function, reduce_retracing=True)
 
         def function(iterator):
@@ -298,7 +264,8 @@ class TensorParallel:
                     data = next(iterator)
                 except (StopIteration, tf.errors.OutOfRangeError):
                     break
-                outputs = compiled(self.pack_batch(data))
+                with self.scope():
+                    outputs = compiled(self.pack_batch(data))
             if outputs is None:
                 raise StopIteration
             return tf.nest.map_structure(self.to_host, outputs)
@@ -306,6 +273,7 @@ class TensorParallel:
         return function
 
     def _make_predict_function(self, model):
+        _warn_if_jit(model)
         compiled = tf.function(model.predict_step, reduce_retracing=True)
 
         def function(data):
@@ -313,7 +281,8 @@ class TensorParallel:
             for batch in data:
                 rows = _rows(batch)
                 padded, pad = self._pad(batch, rows)
-                result = tf.nest.map_structure(self.to_host, compiled(self.pack_batch(padded)))
+                with self.scope():
+                    result = tf.nest.map_structure(self.to_host, compiled(self.pack_batch(padded)))
                 outputs.append(tf.nest.map_structure(lambda t: t[: rows], result) if pad else result)
             return tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *outputs)
 
@@ -354,6 +323,26 @@ class TensorParallel:
         full = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
         return {"parameter_bytes_per_device": params, "optimizer_bytes_per_device": optimizer,
                 "parameter_bytes_total": full, "model_axis_size": self.mesh_shape.get("model", 1)}
+
+
+def strategy_of(model) -> "TensorParallel | None":
+    """The TensorParallel a model's weights live on, if any."""
+    for variable in getattr(model, "weights", ()):
+        strategy = getattr(variable, "_tfpar_strategy", None)
+        if strategy is not None:
+            return strategy
+    return None
+
+
+_jit_warned = False
+
+
+def _warn_if_jit(model):
+    global _jit_warned
+    if model.jit_compile is True and not _jit_warned:
+        _jit_warned = True
+        log.warning("tfpar TensorParallel: jit_compile=True is ignored; DTensor SPMD steps "
+                    "run without XLA here.")
 
 
 def _rows(batch):
