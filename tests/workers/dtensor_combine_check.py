@@ -25,9 +25,10 @@ def build():
                               keras.layers.Dense(32, activation="tanh", name="mlp_up"),
                               keras.layers.Dense(8, name="mlp_down")])
     rng = np.random.RandomState(7)
-    model.set_weights([rng.normal(scale=0.1, size=w.shape).astype("float32")
+    model.set_weights([rng.normal(scale=0.3, size=w.shape).astype("float32")
                        for w in model.get_weights()])
-    model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=1e-2), loss="mse")
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=1e-2), loss="mse",
+                  metrics=["mae"])
     return model
 
 
