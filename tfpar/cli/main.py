@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 
 from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
-from tfpar.cluster import ClusterConfigError
+from tfpar.cluster import ClusterConfigError, dtensor_env
 from tfpar.devices import DeviceConfigError, simulate_devices
 
 FLAGS = flags.FLAGS
@@ -77,7 +77,8 @@ def info() -> dict:
 
     if FLAGS.num_simulated_devices:
         simulate_devices(FLAGS.num_simulated_devices)
-    cluster = tfpar_flags.cluster_from_flags()
+    found = tfpar_flags.discover_from_flags()
+    cluster = None if found is None else found.cluster
     name = tfpar_flags.resolve_strategy_name()
     devices = [d.name for d in tf.config.list_logical_devices()]
     gpus = [d for d in devices if "GPU" in d]
@@ -95,10 +96,14 @@ def info() -> dict:
             "precision": FLAGS.precision,
         },
         "cluster": None if cluster is None else {
+            "source": found.source,
+            "details": dict(found.details),
             "tf_config": cluster.to_tf_config(),
             "num_workers": cluster.num_workers,
             "is_chief": cluster.is_chief,
             "rank": cluster.rank if cluster.task_type in ("chief", "worker") else None,
+            "dtensor_env": (dtensor_env(cluster)
+                            if cluster.task_type in ("chief", "worker") else None),
         },
     }
 
@@ -114,7 +119,8 @@ def _print_info(report: dict) -> None:
         print("cluster:  none (single process)")
     else:
         role = "chief" if c["is_chief"] else "worker"
-        print(f"cluster:  {c['num_workers']} worker(s); this is rank {c['rank']} ({role})")
+        print(f"cluster:  {c['num_workers']} worker(s); this is rank {c['rank']} ({role}); "
+              f"found in {c['source']}")
         print(f"TF_CONFIG: {json.dumps(c['tf_config'])}")
 
 
