@@ -8,7 +8,7 @@ import yaml
 from kubernetes_validate import utils as kv
 
 import k8s_schemas
-from conftest import tfpar_cli
+from conftest import REPO, tfpar_cli
 from tfpar import exit_codes
 from tfpar.k8s import FORMATS, JobSpec, K8sSpecError, render
 
@@ -221,3 +221,12 @@ def test_missing_required_flags_and_command_are_errors():
     assert result.returncode == 2 and "no training command" in result.stdout
     with pytest.raises(K8sSpecError, match="shorten the name|Shorten the name"):
         render(spec(name="x" * 62, workers=11))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "k8s").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_manifests_validate_strictly(path):
+    documents = list(yaml.safe_load_all(path.read_text()))
+    assert documents
+    for document in documents:
+        validate_strict(document)
