@@ -32,8 +32,8 @@ _LAZY = {
     "set_precision": "tfpar.precision",
 }
 
-_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch",
-               "precision", "strategies")
+_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "exit_codes", "flags",
+               "k8s", "launch", "precision", "strategies")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 
