@@ -93,7 +93,8 @@ def main(argv):
         )
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     callbacks = [
-        tfpar.callbacks.BackupAndRestore(os.path.join(FLAGS.output_dir, "backup")),
+        # Also saves on SIGTERM (Kubernetes preemption) and exits 210 to be restarted.
+        tfpar.callbacks.PreemptionCheckpoint(os.path.join(FLAGS.output_dir, "backup")),
         keras.callbacks.ModelCheckpoint(
             os.path.join(FLAGS.output_dir, "ckpt-{epoch}.weights.h5"), save_weights_only=True),
     ]

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.pop("TF_CONFIG", None)  # a stray cluster must not leak into tests
+# A stray cluster (TF_CONFIG, or a Kubernetes pod's tfpar environment) must not
+# leak into tests.
+for _name in ("TF_CONFIG", "TFPAR_NUM_WORKERS", "JOBSET_NAME"):
+    os.environ.pop(_name, None)
 
 import tfpar  # noqa: E402
 

@@ -33,8 +33,8 @@ _LAZY = {
     "set_precision": "tfpar.precision",
 }
 
-_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "flags", "launch", "layouts", "mesh", "models",
-               "precision", "strategies")
+_SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "exit_codes", "flags",
+               "k8s", "launch", "layouts", "mesh", "models", "precision", "strategies")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

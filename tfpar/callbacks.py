@@ -3,21 +3,26 @@
 `keras.callbacks.ModelCheckpoint` works as it is under tfpar's strategies:
 `tfpar.compat` makes `Model.save`/`save_weights` write from the chief only.
 `keras.callbacks.BackupAndRestore` does not: every worker writes the backup
-(an HDF5 lock error or a makedirs race on a shared directory), and it writes
+(an HDF5 lock error or a makedirs race on a shared directory), it writes
 the weights and the epoch counter as two files, so a kill between the two
-leaves a backup whose weights and epoch disagree. `BackupAndRestore` below
-fixes both.
+leaves a backup whose weights and epoch disagree, and it resumes a mid-epoch
+backup from the start of its epoch. `BackupAndRestore` below fixes all three;
+`PreemptionCheckpoint` adds saving on SIGTERM (Kubernetes preemption).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 
 import keras
 import tensorflow as tf
 
-from tfpar import compat
+from tfpar import compat, exit_codes
 
 log = logging.getLogger("tfpar")
 
@@ -35,15 +40,16 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       one with a rename. A process killed at any moment leaves the previous
       backup intact.
 
-    What it guarantees: with ``save_freq="epoch"`` a restarted job resumes at
-    the first unfinished epoch with the weights and optimizer state of the
-    last finished one, and (with a data order that depends only on the epoch,
-    e.g. no shuffle or a per-epoch seed) ends with bit-identical weights to an
-    uninterrupted run. With an integer ``save_freq``, Keras restarts the
-    interrupted epoch from its first batch on the weights of the last
-    mid-epoch backup: no work is lost beyond ``save_freq`` batches, but the
-    batches before the backup are seen twice, so the result is not identical
-    to an uninterrupted run.
+    - A mid-epoch backup (integer ``save_freq``, or a preemption) records
+      how many batches of the epoch were done; on restore those batches are
+      skipped (read from the input, not trained on), so the run continues
+      exactly where it stopped. Keras's own callback replays them.
+
+    What it guarantees: a restarted job resumes at the step after the last
+    backup with that backup's weights and optimizer state, and (with a data
+    order that depends only on the epoch, e.g. no shuffle or a per-epoch
+    seed) ends with bit-identical weights to an uninterrupted run. The loss
+    and metrics of a resumed epoch cover only its batches after the restart.
 
     Example::
 
@@ -55,6 +61,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         super().__init__(backup_dir, save_freq=save_freq,
                          delete_checkpoint=delete_checkpoint, double_checkpoint=False)
         self._metadata_path = tf.io.gfile.join(backup_dir, _METADATA)
+        self._skip_batches = 0
 
     def _read_metadata(self):
         if not tf.io.gfile.exists(self._metadata_path):
@@ -75,17 +82,65 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         self.model.load_weights(tf.io.gfile.join(self.backup_dir, metadata["weights"]))
-        self.model._initial_epoch = metadata["epoch"]
-        log.info("tfpar: resumed from %s at epoch %d", self.backup_dir, metadata["epoch"])
+        epoch, done = metadata["epoch"], metadata.get("step_in_epoch", 0)
+        steps = (self.params or {}).get("steps")
+        if steps and done >= steps:  # saved after the epoch's last batch
+            epoch, done = epoch + 1, 0
+        self.model._initial_epoch = epoch
+        self._skip_batches = done
+        log.info("tfpar: resumed from %s at epoch %d, batch %d", self.backup_dir, epoch, done)
 
-    def _save_model(self):
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._skip_batches:
+            self._skip_done_batches(self._skip_batches)
+
+    def _skip_done_batches(self, count: int) -> None:
+        """The next `count` batches are read from the input but not trained on.
+
+        Keras has no "initial step": the resumed epoch starts at its first
+        batch. The train function is wrapped so that its first calls only
+        advance the iterator (every worker skips the same batches, so their
+        input stays aligned), then the real function takes over.
+        """
+        model = self.model
+        real = model.train_function
+        per_call = model.steps_per_execution or 1
+        if count % per_call:
+            raise ValueError(
+                f"the backup was taken after {count} batches of the epoch, which is not a "
+                f"multiple of steps_per_execution={per_call}; resume with the "
+                "steps_per_execution the backup was written with.")
+        calls = [count // per_call]
+
+        def skip(iterator):
+            for _ in range(per_call):
+                next(iterator)
+            calls[0] -= 1
+            if calls[0] == 0:
+                model.train_function = real
+            return {}
+
+        model.train_function = skip
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Keras only advances its epoch counter at epoch ends, so a mid-epoch
+        # backup in the first epoch after a restore would record epoch 0.
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._should_save_on_batch(batch):
+            self._save_model(step_in_epoch=batch + 1)
+
+    def _save_model(self, step_in_epoch: int = 0):
+        """Commits a backup of the state after `step_in_epoch` batches of the current epoch."""
         if not compat.should_write(self.model.distribute_strategy):
             return
         tf.io.gfile.makedirs(self.backup_dir)
         previous = self._read_metadata() or {}
-        name = f"backup-e{self._current_epoch}-b{self._last_batch_seen}.weights.h5"
+        name = f"backup-e{self._current_epoch}-b{step_in_epoch}.weights.h5"
         self.model.save_weights(tf.io.gfile.join(self.backup_dir, name), overwrite=True)
-        metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+        metadata = {"epoch": self._current_epoch, "step_in_epoch": step_in_epoch,
                     "weights": name}
         staging = self._metadata_path + ".tmp"
         with tf.io.gfile.GFile(staging, "w") as f:
@@ -102,3 +157,124 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             return
         if self.delete_checkpoint and tf.io.gfile.exists(self.backup_dir):
             tf.io.gfile.rmtree(self.backup_dir)
+
+
+# Errors a worker raises when a peer vanished mid-collective or stopped
+# sending heartbeats (measured: UnavailableError; the others are the same
+# failure seen from a different place in TensorFlow's runtime).
+_PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                     tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+class PreemptionCheckpoint(BackupAndRestore):
+    """BackupAndRestore that also saves when the job is preempted (SIGTERM).
+
+    Kubernetes stops a pod (preemption, eviction, node drain, a rolling
+    restart of the job) with SIGTERM, then SIGKILL after the pod's
+    terminationGracePeriodSeconds. On SIGTERM this callback lets the current
+    step finish, and at the next batch boundary:
+
+    1. every worker learns whether *any* worker was signalled (a small
+       all-reduce after each batch, so all of them stop after the same step
+       even when only one pod was preempted);
+    2. the chief commits a backup of that step (atomically, see
+       `BackupAndRestore`); a second all-reduce keeps the others alive until
+       it is written;
+    3. every worker exits with `tfpar.exit_codes.PREEMPTED` (210), which the
+       manifests of `tfpar k8s render` retry without counting a failure.
+
+    After the restart, training resumes at the step after the backup and
+    ends with the same weights as an uninterrupted run.
+
+    It also turns the loss of a peer (its pod killed, its network cut) into
+    exit code `tfpar.exit_codes.PEER_LOST` (211) instead of 1, so the job
+    restarts the group rather than failing as if the program had a bug.
+
+    Args:
+      backup_dir: shared directory or bucket for the backups.
+      save_freq: regular backups as well: "epoch" or every N batches.
+      exit_code: the exit code after a preemption save.
+      peer_lost_exit_code: exit code when a peer is lost (None: leave the
+        default, 1).
+      delete_checkpoint: remove the backup when training completes.
+
+    Example::
+
+        model.fit(ds, epochs=10, callbacks=[
+            tfpar.callbacks.PreemptionCheckpoint(os.environ["TFPAR_CHECKPOINT_DIR"])])
+    """
+
+    def __init__(self, backup_dir, save_freq="epoch", *, exit_code: int = exit_codes.PREEMPTED,
+                 peer_lost_exit_code: int | None = exit_codes.PEER_LOST,
+                 delete_checkpoint: bool = True):
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
+        self.exit_code = exit_code
+        self.peer_lost_exit_code = peer_lost_exit_code
+        self._signalled = threading.Event()
+        self._previous_handler = None
+        self._previous_excepthook = None
+
+    # ------------------------------------------------------------- signals
+    def _on_sigterm(self, signum, frame):
+        if not self._signalled.is_set():
+            sys.stderr.write(f"tfpar: got {signal.Signals(signum).name}; saving a checkpoint "
+                             "after the current step\n")
+            sys.stderr.flush()
+        self._signalled.set()
+
+    def _multi_worker(self) -> bool:
+        return isinstance(self.model.distribute_strategy,
+                          tf.distribute.MultiWorkerMirroredStrategy)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.peer_lost_exit_code is not None and self._multi_worker():
+            self._previous_excepthook = sys.excepthook
+            sys.excepthook = self._exit_on_peer_loss
+
+    def _exit_on_peer_loss(self, exc_type, exc, tb):
+        self._previous_excepthook(exc_type, exc, tb)
+        if issubclass(exc_type, _PEER_LOST_ERRORS):
+            code = self.peer_lost_exit_code
+            sys.stderr.write(f"tfpar: a peer worker was lost ({exc_type.__name__}); exiting "
+                             f"with {code} ({exit_codes.describe(code)})\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            # os._exit: a normal exit would wait in TensorFlow's shutdown
+            # barrier for the peer that is gone.
+            os._exit(code)
+
+    def on_train_end(self, logs=None):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        if self._previous_excepthook is not None:
+            sys.excepthook = self._previous_excepthook
+            self._previous_excepthook = None
+        super().on_train_end(logs)
+
+    # ---------------------------------------------------------- agreement
+    def _any_worker(self, flag: bool) -> bool:
+        """Whether `flag` is set on any worker (a collective: all must call it)."""
+        if not self._multi_worker():
+            return flag
+        strategy = self.model.distribute_strategy
+        local = 1.0 if flag else 0.0
+        votes = strategy.run(lambda: tf.constant(local, tf.float32))
+        return float(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if not self._any_worker(self._signalled.is_set()):
+            return
+        self._save_model(step_in_epoch=batch + 1)
+        self._any_worker(True)  # barrier: nobody exits before the chief has committed
+        log.warning("tfpar: preempted; saved epoch %d batch %d to %s; exiting with %d",
+                    self._current_epoch, batch + 1, self.backup_dir, self.exit_code)
+        sys.stderr.write(f"tfpar: preempted: checkpoint of epoch {self._current_epoch} "
+                         f"batch {batch + 1} saved to {self.backup_dir}; exiting with "
+                         f"{self.exit_code} ({exit_codes.describe(self.exit_code)})\n")
+        sys.stderr.flush()
+        raise SystemExit(self.exit_code)

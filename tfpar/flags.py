@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tfpar.cluster import Cluster, ClusterConfigError
+from tfpar.cluster import Cluster, ClusterConfigError, Discovered, discover
 
 STRATEGIES = ("auto", "one_device", "data", "multi_worker", "tensor", "pipeline")
 ALL_REDUCE = ("auto", "nccl", "ring", "hierarchical_copy", "reduce_to_one")
@@ -199,24 +199,35 @@ flags.register_multi_flags_validator(["strategy", "all_reduce"], _all_reduce_fit
 
 
 # ------------------------------------------------------------- from the flags
-def cluster_from_flags() -> Cluster | None:
-    """The cluster the flags name, else TF_CONFIG's, else None.
+def discover_from_flags() -> Discovered | None:
+    """The cluster the flags name, else the one found where this runs, else None.
 
-    Raises ClusterConfigError if both name one: two sources of truth for a
-    cluster are a mistake waiting to happen.
+    Without --worker_hosts, `tfpar.cluster.discover()` looks at TF_CONFIG,
+    then a Kubernetes JobSet or Indexed Job pod's environment. Raises
+    ClusterConfigError if both the flags and the environment name one: two
+    sources of truth for a cluster are a mistake waiting to happen.
     """
-    from_env = Cluster.from_env()
+    found = discover()
     if FLAGS.worker_hosts:
-        if from_env is not None:
+        if found is not None:
+            source = "TF_CONFIG" if found.source == "TF_CONFIG" else \
+                f"the Kubernetes {found.source} environment"
             raise ClusterConfigError(
-                "both TF_CONFIG and --worker_hosts describe a cluster; use one "
-                "(unset TF_CONFIG or drop --worker_hosts)."
+                f"both {source} and --worker_hosts describe a cluster; use one "
+                f"(unset {'TF_CONFIG' if found.source == 'TF_CONFIG' else 'TFPAR_NUM_WORKERS'} "
+                "or drop --worker_hosts)."
             )
-        return Cluster.from_hosts(
+        return Discovered(Cluster.from_hosts(
             FLAGS.worker_hosts, task_type=FLAGS.task_type,
             task_index=FLAGS.task_index, chief_host=FLAGS.chief_host,
-        )
-    return from_env
+        ), "flags")
+    return found
+
+
+def cluster_from_flags() -> Cluster | None:
+    """The cluster of `discover_from_flags()`, or None."""
+    found = discover_from_flags()
+    return None if found is None else found.cluster
 
 
 def resolve_strategy_name() -> str:
@@ -262,7 +273,8 @@ def from_flags():
         if cluster is None:
             raise ClusterConfigError(
                 "--strategy=multi_worker needs a cluster: run under `tfpar "
-                "launch`, set TF_CONFIG, or pass --worker_hosts and --task_index."
+                "launch`, in a pod of `tfpar k8s render`, set TF_CONFIG, or pass "
+                "--worker_hosts and --task_index."
             )
         return strategies.MultiWorker(
             cluster=cluster,

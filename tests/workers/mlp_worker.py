@@ -19,6 +19,8 @@ flags.DEFINE_string("out", None, "Write final weights (.npz) and a report (.json
 flags.DEFINE_integer("epochs", 3, "Epochs.")
 flags.DEFINE_integer("examples", 256, "Training examples.")
 flags.DEFINE_string("backup_dir", None, "BackupAndRestore directory.")
+flags.DEFINE_bool("preemption", False, "With --backup_dir: PreemptionCheckpoint (save on SIGTERM).")
+flags.DEFINE_integer("backup_every", 0, "With --backup_dir: back up every N batches (0: per epoch).")
 flags.DEFINE_string("checkpoint_path", None, "ModelCheckpoint file path (.weights.h5 or .keras).")
 flags.DEFINE_string("save_path", None, "model.save() path after fit.")
 flags.DEFINE_integer("kill_at_epoch", -1, "SIGKILL this process at the start of this epoch...")
@@ -51,7 +53,7 @@ def main(argv):
     import numpy as np
 
     from tfpar import compat
-    from tfpar.callbacks import BackupAndRestore
+    from tfpar.callbacks import BackupAndRestore, PreemptionCheckpoint
 
     strategy = tfpar.from_flags()
     if FLAGS.without_fix:
@@ -73,7 +75,9 @@ def main(argv):
 
     callbacks = []
     if FLAGS.backup_dir:
-        callbacks.append(BackupAndRestore(FLAGS.backup_dir, delete_checkpoint=False))
+        backup = PreemptionCheckpoint if FLAGS.preemption else BackupAndRestore
+        callbacks.append(backup(FLAGS.backup_dir, save_freq=FLAGS.backup_every or "epoch",
+                                delete_checkpoint=False))
     if FLAGS.checkpoint_path:
         callbacks.append(keras.callbacks.ModelCheckpoint(
             FLAGS.checkpoint_path,

@@ -3,6 +3,7 @@
 Commands:
   info     devices, versions, the strategy the flags would build, the cluster
   launch   run a command as N local workers (tfpar's torchrun)
+  k8s      `k8s render`: Kubernetes manifests for a multi-worker job
 
 Each command is a thin layer over the library; flags are absl flags, so
 `tfpar info --strategy=data --num_simulated_devices=4` describes exactly
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags
 
 from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
-from tfpar.cluster import ClusterConfigError
+from tfpar.cluster import ClusterConfigError, dtensor_env
 from tfpar.devices import DeviceConfigError, simulate_devices
 
 FLAGS = flags.FLAGS
@@ -28,14 +29,42 @@ flags.DEFINE_integer("max_restarts", 0,
                      "launch: restart the whole group this many times after a "
                      "failure (the script resumes from its BackupAndRestore backup).")
 flags.DEFINE_float("grace_period", 10.0,
-                   "launch: seconds between SIGTERM and SIGKILL when stopping ranks.")
+                   "launch: seconds between SIGTERM and SIGKILL when stopping ranks. "
+                   "k8s render: the pods' terminationGracePeriodSeconds (default 120).")
+# k8s render. --max_restarts and --grace_period mean the same for a Kubernetes
+# job as for a local launch; their Kubernetes defaults differ (below).
+flags.DEFINE_string("name", None, "k8s render: job name (a DNS-1123 label); also the "
+                    "Service name and the pods' subdomain.")
+flags.DEFINE_string("image", None, "k8s render: container image with Python, TensorFlow, "
+                    "tfpar and the training script.")
+flags.DEFINE_integer("workers", None, "k8s render: number of worker pods.")
+flags.DEFINE_integer("gpus_per_worker", 0, "k8s render: nvidia.com/gpu per pod.")
+flags.DEFINE_string("cpu", None, "k8s render: CPU request per pod ('8', '500m').")
+flags.DEFINE_string("memory", None, "k8s render: memory request and limit per pod ('32Gi').")
+flags.DEFINE_string("namespace", None, "k8s render: namespace (default: kubectl's current one).")
+flags.DEFINE_string("checkpoint_dir", None,
+                    "k8s render: shared backup location: a bucket URL (gs://, s3://) or an "
+                    "absolute path where a ReadWriteMany volume is mounted. Pods get it as "
+                    "$(TFPAR_CHECKPOINT_DIR), which the command may use.")
+flags.DEFINE_string("checkpoint_claim", None,
+                    "k8s render: PersistentVolumeClaim mounted at --checkpoint_dir "
+                    "(default NAME-checkpoints).")
+flags.DEFINE_string("checkpoint_size", None,
+                    "k8s render: also create the checkpoint claim with this size ('100Gi').")
+flags.DEFINE_string("format", "indexed-job", "k8s render: indexed-job, jobset or tfjob.")
+flags.DEFINE_string("output", None, "k8s render: write the YAML here instead of stdout.")
+K8S_DEFAULT_MAX_RESTARTS = 3
+K8S_DEFAULT_GRACE_PERIOD_S = 120
 
-COMMANDS = ("info", "launch")
+COMMANDS = ("info", "launch", "k8s")
 USAGE = (
     "usage: tfpar <command> [flags] [-- program args...]\n"
     "commands:\n"
     "  info [--json] [strategy flags]   what this process would run on\n"
     "  launch --nproc N [--max_restarts R] -- python train.py [flags]\n"
+    "  k8s render --name NAME --image IMAGE --workers N [--gpus_per_worker G] [--cpu C]\n"
+    "      [--memory M] [--namespace NS] [--checkpoint_dir PATH|URL]\n"
+    "      [--format indexed-job|jobset|tfjob] [--output FILE] -- python train.py [flags]\n"
 )
 
 
@@ -48,7 +77,8 @@ def info() -> dict:
 
     if FLAGS.num_simulated_devices:
         simulate_devices(FLAGS.num_simulated_devices)
-    cluster = tfpar_flags.cluster_from_flags()
+    found = tfpar_flags.discover_from_flags()
+    cluster = None if found is None else found.cluster
     name = tfpar_flags.resolve_strategy_name()
     devices = [d.name for d in tf.config.list_logical_devices()]
     gpus = [d for d in devices if "GPU" in d]
@@ -66,10 +96,14 @@ def info() -> dict:
             "precision": FLAGS.precision,
         },
         "cluster": None if cluster is None else {
+            "source": found.source,
+            "details": dict(found.details),
             "tf_config": cluster.to_tf_config(),
             "num_workers": cluster.num_workers,
             "is_chief": cluster.is_chief,
             "rank": cluster.rank if cluster.task_type in ("chief", "worker") else None,
+            "dtensor_env": (dtensor_env(cluster)
+                            if cluster.task_type in ("chief", "worker") else None),
         },
     }
 
@@ -85,7 +119,8 @@ def _print_info(report: dict) -> None:
         print("cluster:  none (single process)")
     else:
         role = "chief" if c["is_chief"] else "worker"
-        print(f"cluster:  {c['num_workers']} worker(s); this is rank {c['rank']} ({role})")
+        print(f"cluster:  {c['num_workers']} worker(s); this is rank {c['rank']} ({role}); "
+              f"found in {c['source']}")
         print(f"TF_CONFIG: {json.dumps(c['tf_config'])}")
 
 
@@ -103,6 +138,8 @@ def main(argv: list[str]) -> int:
 
 
 def _dispatch(command: str, rest: list[str]) -> int:
+    if command == "k8s":
+        return k8s(rest)
     if command == "info":
         if rest:
             sys.stderr.write(f"tfpar info: unexpected arguments {rest}\n{USAGE}")
@@ -122,6 +159,42 @@ def _dispatch(command: str, rest: list[str]) -> int:
     except LaunchError as e:
         sys.stderr.write(f"tfpar launch: {e}\n")
         return 2
+
+
+def k8s(rest: list[str]) -> int:
+    """`tfpar k8s render ... -- COMMAND`: writes the manifests."""
+    from tfpar.k8s import JobSpec, K8sSpecError, render, to_yaml
+
+    if not rest or rest[0] != "render":
+        sys.stderr.write(f"tfpar k8s: expected `render`, got {rest[:1]}\n{USAGE}")
+        return 2
+    missing = [f"--{n}" for n in ("name", "image", "workers") if FLAGS[n].value is None]
+    if missing:
+        sys.stderr.write(f"tfpar k8s render: {', '.join(missing)} required, e.g. `tfpar k8s "
+                         "render --name mnist --image registry/train:1 --workers 4 -- "
+                         "python train.py --strategy=multi_worker`.\n")
+        return 2
+    try:
+        spec = JobSpec(
+            name=FLAGS.name, image=FLAGS.image, command=rest[1:], workers=FLAGS.workers,
+            gpus_per_worker=FLAGS.gpus_per_worker, cpu=FLAGS.cpu, memory=FLAGS.memory,
+            namespace=FLAGS.namespace, checkpoint_dir=FLAGS.checkpoint_dir,
+            checkpoint_claim=FLAGS.checkpoint_claim, checkpoint_size=FLAGS.checkpoint_size,
+            max_restarts=(FLAGS.max_restarts if FLAGS["max_restarts"].present
+                          else K8S_DEFAULT_MAX_RESTARTS),
+            grace_period_s=(int(FLAGS.grace_period) if FLAGS["grace_period"].present
+                            else K8S_DEFAULT_GRACE_PERIOD_S),
+        )
+        text = to_yaml(render(spec, FLAGS.format))
+    except K8sSpecError as e:
+        sys.stderr.write(f"tfpar k8s render: {e}\n")
+        return 2
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def run() -> None:

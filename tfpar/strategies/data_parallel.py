@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 
 from tfpar import compat
-from tfpar.cluster import Cluster, ClusterConfigError
+from tfpar.cluster import Cluster, ClusterConfigError, discover, wait_until_resolvable
 from tfpar.devices import DeviceConfigError, local_devices
 
 log = logging.getLogger("tfpar")
@@ -146,8 +146,9 @@ class MultiWorker(_Described, tf.distribute.MultiWorkerMirroredStrategy):
 
     Args:
       cluster: a `tfpar.cluster.Cluster`, a TF_CONFIG dict or JSON string;
-        default: the TF_CONFIG environment variable, which `tfpar launch`,
-        Kubeflow and tfpar's Kubernetes manifests set.
+        default: `tfpar.cluster.discover()`: TF_CONFIG (`tfpar launch`,
+        Kubeflow, Ray), else the pod environment of a `tfpar k8s render` job
+        (JobSet or Indexed Job).
       communication: "auto", "ring" (gRPC rings, works everywhere) or "nccl".
       pack_bytes: pack gradients into chunks of this many bytes per
         all-reduce (0: TensorFlow's default).
@@ -194,13 +195,15 @@ class MultiWorker(_Described, tf.distribute.MultiWorkerMirroredStrategy):
             if value is not None and value <= 0:
                 raise ValueError(f"MultiWorker({name}={value}): must be > 0 seconds.")
         if cluster is None:
-            cluster = Cluster.from_env()
-            if cluster is None:
+            found = discover()
+            if found is None:
                 raise ClusterConfigError(
-                    "MultiWorker needs a cluster, but TF_CONFIG is not set. Run "
+                    "MultiWorker needs a cluster, but TF_CONFIG is not set and this is "
+                    "not a pod of a tfpar Kubernetes job (no TFPAR_NUM_WORKERS). Run "
                     "the script under `tfpar launch --nproc N -- ...`, set "
                     "TF_CONFIG, or pass --worker_hosts and --task_index."
                 )
+            cluster = found.cluster
         elif not isinstance(cluster, Cluster):
             cluster = Cluster.from_tf_config(cluster)
         if cluster.task_type not in ("chief", "worker"):
@@ -214,6 +217,10 @@ class MultiWorker(_Described, tf.distribute.MultiWorkerMirroredStrategy):
                 "(it starts this process's server and joins the cluster). Create "
                 "the strategy at the top of main()."
             )
+        # An unresolvable peer would otherwise surface only as a registration
+        # timeout that names no host; peers' DNS records appear as their pods
+        # start, so this waits as long as registration would.
+        wait_until_resolvable(cluster, timeout_s=register_timeout_s)
         compat.configure_coordination_service(
             cluster,
             heartbeat_timeout_s=heartbeat_timeout_s,

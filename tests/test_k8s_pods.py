@@ -1,0 +1,181 @@
+"""End to end on emulated pods: the rendered Indexed Job's own command, one network namespace per pod.
+
+Each pod runs exactly the container command of the manifest `tfpar k8s
+render` writes, with the manifest's environment plus what Kubernetes adds
+(JOB_COMPLETION_INDEX, HOSTNAME), so discovery, name resolution, training,
+failure detection and preemption are exercised as in a cluster.
+"""
+
+import itertools
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+import pods
+from conftest import REPO, run, tfpar_cli, worker_command
+from tfpar import exit_codes
+
+pytestmark = pytest.mark.multiprocess
+
+REASON = pods.unavailable_reason()
+needs_netns = pytest.mark.skipif(REASON is not None,
+                                 reason=f"network namespaces unavailable: {REASON}")
+NAME, WORKERS = "mlp", 3
+# 48 = 3 workers x 16: the global batch divides evenly, so the 3-pod run is
+# the single-process run up to float summation order.
+TRAINING = ["--epochs=3", "--examples=288", "--global_batch_size=48"]
+_tags = itertools.count()
+
+
+def render(tmp_path, *worker_flags):
+    """Renders the Indexed Job; returns the worker container (command and env)."""
+    command = ["python", "tests/workers/mlp_worker.py", "--strategy=multi_worker", *TRAINING,
+               *worker_flags]
+    out = tmp_path / f"job{next(_tags)}.yaml"
+    result = tfpar_cli("k8s", "render", f"--name={NAME}", "--image=tfpar:test",
+                       f"--workers={WORKERS}", f"--checkpoint_dir={tmp_path / 'ckpt'}",
+                       f"--output={out}", "--", *command, timeout=60)
+    assert result.returncode == 0, result.stdout
+    job = next(d for d in yaml.safe_load_all(out.read_text()) if d["kind"] == "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == command  # passed through unchanged
+    return container
+
+
+def start_pods(network, container):
+    base = {e["name"]: e["value"] for e in container["env"]}
+    base["PYTHONPATH"] = str(REPO)  # the image would have tfpar installed
+    base["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return [network.start(i, container["command"], dict(base, JOB_COMPLETION_INDEX=str(i)),
+                          cwd=REPO)
+            for i in range(WORKERS)]
+
+
+def wait_all(processes, timeout=180):
+    outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    return [p.returncode for p in processes], outputs
+
+
+def weights(out, rank=0):
+    saved = np.load(f"{out}.rank{rank}.npz")
+    return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def max_abs_diff(a, b):
+    return max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
+
+
+@pytest.fixture
+def network():
+    with pods.Pods([f"{NAME}-{i}" for i in range(WORKERS)], NAME,
+                   tag=f"{os.getpid() % 100000}-{next(_tags)}") as emulated:
+        yield emulated
+    # Teardown above removed every namespace this test created.
+
+
+@pytest.fixture(scope="module")
+def three_pod_run(tmp_path_factory):
+    """An uninterrupted 3-pod run and the single-process run it must equal."""
+    if REASON is not None:
+        pytest.skip(f"network namespaces unavailable: {REASON}")
+    tmp = tmp_path_factory.mktemp("pods")
+    single = tmp / "single"
+    run(worker_command("--strategy=one_device", *TRAINING, f"--out={single}"), check=True)
+    out = tmp / "pods"
+    container = render(tmp, f"--out={out}")
+    with pods.Pods([f"{NAME}-{i}" for i in range(WORKERS)], NAME,
+                   tag=f"{os.getpid() % 100000}-m") as network:
+        codes, outputs = wait_all(start_pods(network, container))
+    assert codes == [0] * WORKERS, outputs[0][-3000:] + outputs[1][-2000:]
+    return single, out, outputs
+
+
+@needs_netns
+def test_three_pods_train_to_the_single_process_weights(three_pod_run):
+    single, out, outputs = three_pod_run
+    ref = weights(single)
+    diffs = [max_abs_diff(ref, weights(out, r)) for r in range(WORKERS)]
+    print(f"3-pod vs single process: max |dw| = {max(diffs):.2e}")
+    assert max(diffs) <= 1e-5
+    report = json.load(open(f"{out}.rank0.json"))
+    assert report["workers"] == 3 and report["steps"] == 18
+    assert max_abs_diff(ref, [w * 0 for w in ref]) > 1e-2  # training moved the weights
+
+
+@needs_netns
+def test_pods_resolve_peers_by_name_inside_their_namespace(network, tmp_path):
+    env = {"JOB_COMPLETION_INDEX": "1", "TFPAR_NUM_WORKERS": "3", "TFPAR_SUBDOMAIN": NAME,
+           "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    probe = network.start(1, [sys.executable, "-c", (
+        "import socket; from tfpar.cluster import discover, wait_until_resolvable; "
+        "d = discover(); wait_until_resolvable(d.cluster, 5); "
+        "print(d.source, d.cluster.rank, [socket.gethostbyname(a.split(':')[0]) "
+        "for a in d.cluster.training_addresses])")], env, cwd=REPO)
+    output, _ = probe.communicate(timeout=60)
+    assert probe.returncode == 0, output
+    assert "indexed-job 1 ['10.213.0.10', '10.213.0.11', '10.213.0.12']" in output
+
+
+@needs_netns
+def test_cutting_one_pods_link_makes_the_others_fail_fast(network, tmp_path):
+    container = render(tmp_path, f"--out={tmp_path / 'w'}", "--epochs=300",
+                       "--sleep_per_batch=0.02", f"--backup_dir={tmp_path / 'b'}",
+                       "--preemption")
+    processes = start_pods(network, container)
+    deadline = time.monotonic() + 150
+    for line in processes[0].stdout:  # training under way on every pod
+        if line.startswith("Epoch 3/") or time.monotonic() > deadline:
+            break
+    network.cut(2)
+    cut_at = time.monotonic()
+    survivors = processes[:2]
+    outputs = [p.communicate(timeout=60)[0] for p in survivors]
+    detected = time.monotonic() - cut_at
+    print(f"survivors failed {detected:.1f} s after the link cut")
+    assert detected < 30, detected
+    assert [p.returncode for p in survivors] == [exit_codes.PEER_LOST] * 2, outputs[1][-3000:]
+    for output in outputs:
+        assert "UnavailableError" in output or "DeadlineExceeded" in output, output[-3000:]
+        assert "tfpar: a peer worker was lost" in output
+    network.kill_all()  # the isolated pod is killed by the fixture's owner, by PID
+
+
+@needs_netns
+def test_sigterm_to_all_pods_checkpoints_and_the_relaunch_resumes_to_the_same_weights(
+        three_pod_run, network, tmp_path):
+    _, clean, _ = three_pod_run
+    out = tmp_path / "resumed"
+    container = render(tmp_path, f"--out={out}", "--sleep_per_batch=0.15",
+                       "--backup_dir=$(TFPAR_CHECKPOINT_DIR)/backup", "--preemption")
+    processes = start_pods(network, container)
+    deadline = time.monotonic() + 150
+    for line in processes[0].stdout:
+        if line.startswith("Epoch 2/") or time.monotonic() > deadline:
+            break
+    time.sleep(0.4)
+    for p in processes:  # the node pool is drained: every pod gets SIGTERM
+        os.kill(p.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    codes, outputs = wait_all(processes, timeout=120)
+    stopped = time.monotonic() - signalled
+    print(f"all pods saved and exited {stopped:.1f} s after SIGTERM")
+    assert codes == [exit_codes.PREEMPTED] * WORKERS, outputs[0][-3000:]
+    assert stopped < 120  # the manifest's terminationGracePeriodSeconds
+    backup = tmp_path / "ckpt" / "backup"
+    metadata = json.loads((backup / "training_metadata.json").read_text())
+    assert metadata["epoch"] == 1 and 0 < metadata["step_in_epoch"] < 6, metadata
+
+    network.processes = []
+    codes, outputs = wait_all(start_pods(network, container))  # the Job recreates the pods
+    assert codes == [0] * WORKERS, outputs[0][-3000:]
+    assert f"at epoch 1, batch {metadata['step_in_epoch']}" in outputs[0]
+    assert json.load(open(f"{out}.rank0.json"))["steps"] == 18
+    for rank in range(WORKERS):
+        for a, b in zip(weights(clean, 0), weights(out, rank)):
+            assert np.array_equal(a, b)
