@@ -254,11 +254,12 @@ def from_flags():
     """
     from tfpar import strategies
     from tfpar.devices import simulate_devices
+    from tfpar.mesh import num_clients
     from tfpar.precision import set_precision
 
-    from tfpar.mesh import num_clients
-
     name = resolve_strategy_name()
+    if name == "tensor":
+        _export_dtensor_clients()
     # A multi-client DTensor mesh makes its own logical devices
     # (dtensor.initialize_accelerator_system); splitting them here would clash.
     if FLAGS.num_simulated_devices and not (name == "tensor" and num_clients() > 1):
@@ -287,6 +288,16 @@ def from_flags():
     if name == "tensor":
         return _tensor_from_flags()
     raise ValueError(f"--strategy={name}: {NOT_YET_AVAILABLE.get(name, 'unknown')}")
+
+
+def _export_dtensor_clients():
+    """In a Kubernetes pod (or with TF_CONFIG / --worker_hosts) the discovered
+    cluster is the DTensor client list, unless a launcher already set it."""
+    import os
+
+    cluster = cluster_from_flags()
+    if cluster is not None and "DTENSOR_JOBS" not in os.environ:
+        os.environ.update(cluster.dtensor_env())
 
 
 def _tensor_from_flags():

@@ -239,14 +239,4 @@ def dtensor_env(cluster: Cluster) -> dict[str, str]:
 
         os.environ.update(dtensor_env(discover().cluster))
     """
-    if cluster.task_type not in ("chief", "worker"):
-        raise ClusterConfigError(
-            f"a {cluster.task_type!r} task is not a DTensor client; only chief and "
-            "worker tasks are.")
-    addresses = cluster.training_addresses
-    return {
-        "DTENSOR_JOBS": ",".join(addresses),
-        "DTENSOR_CLIENT_ID": str(cluster.rank),
-        "DTENSOR_NUM_CLIENTS": str(len(addresses)),
-        "DTENSOR_JOB_NAME": "worker",
-    }
+    return cluster.dtensor_env()

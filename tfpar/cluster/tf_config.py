@@ -319,6 +319,10 @@ class Cluster:
         DTensor multi-client: every training task is a client, in rank order
         (chief first), reached at its TF_CONFIG address.
         """
+        if self.task_type not in TRAINING_ROLES:
+            raise ClusterConfigError(
+                f"a {self.task_type!r} task is not a DTensor client; only chief and "
+                "worker tasks are.")
         return {
             "DTENSOR_JOBS": ",".join(self.training_addresses),
             "DTENSOR_CLIENT_ID": str(self.rank),
