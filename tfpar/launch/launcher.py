@@ -75,6 +75,31 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+def _group_members_alive(pgid: int) -> list[int]:
+    """PIDs in process group `pgid` that are not zombies (Linux /proc)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # pid (comm) state ppid pgrp ...; comm may contain spaces.
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+def _wait_until_group_is_gone(pgid: int, timeout_s: float) -> None:
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + timeout_s
+    while _group_members_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 @dataclasses.dataclass
 class _Worker:
     rank: int
@@ -201,6 +226,10 @@ class Launcher:
             # The group may hold children even when the leader has exited.
             self._signal_group(w, signal.SIGKILL)
             w.process.wait()
+        for w in self._workers:
+            # SIGKILL is delivered asynchronously: return only once no member
+            # of the group is still running, so "stopped" means stopped.
+            _wait_until_group_is_gone(w.process.pid, timeout_s=10.0)
             w.reader.join(timeout=5)
 
     def _watch(self) -> _Worker | None:
