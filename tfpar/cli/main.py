@@ -84,6 +84,11 @@ def info() -> dict:
     gpus = [d for d in devices if "GPU" in d]
     replicas = {"one_device": 1, "data": len(gpus) or sum("CPU" in d for d in devices),
                 "multi_worker": (len(gpus) or 1) * (cluster.num_workers if cluster else 1)}
+    if FLAGS.mesh:
+        from tfpar.mesh import parse_mesh
+
+        names, sizes = parse_mesh(FLAGS.mesh)
+        replicas["tensor"] = dict(zip(names, sizes)).get("batch")
     return {
         "tfpar": __version__,
         "tensorflow": tf.__version__,
@@ -94,6 +99,8 @@ def info() -> dict:
             "name": name,
             "replicas": replicas.get(name),
             "precision": FLAGS.precision,
+            "mesh": FLAGS.mesh if name == "tensor" else None,
+            "layouts": FLAGS.layouts if name == "tensor" else None,
         },
         "cluster": None if cluster is None else {
             "source": found.source,
