@@ -324,3 +324,16 @@ def test_two_processes_form_one_2x2_mesh_and_match_one_device(tmp_path):
 
     report = json.load(open(f"{out}.rank0.json"))
     assert report == {**report, "steps": 24, "workers": 2, "replicas": 2, "strategy": "tensor"}
+
+
+def test_dropout_seed_generator_state_lives_on_the_mesh_and_trains():
+    strategy = tfpar.TensorParallel("batch:2,model:2")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, name="mlp_up"),
+                                  keras.layers.Dropout(0.5), keras.layers.Dense(8, name="mlp_down")])
+        model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="mse")
+    x, y = mlp_data(64)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    state = model.layers[1].seed_generator.state
+    assert isinstance(state._value, dtensor.DVariable)
+    assert history.history["loss"][-1] < history.history["loss"][0]
