@@ -215,14 +215,16 @@ def test_evaluate_and_predict_match_one_device(mlp_reference):
     assert ours["mae"] == pytest.approx(theirs["mae"], rel=1e-5)
 
 
+@pytest.fixture(scope="module")
 def sharded_gpt():
+    """A trained GPT on a 2x2 mesh, shared by the saving tests (they only read it)."""
     x, y = gpt_data(32)
     return tensor_parallel("batch:2,model:2", gpt, x, y, batch=8, loss=tfpar.models.lm_loss(),
                            metrics=())
 
 
-def test_sharded_weights_load_into_a_plain_model_and_back(tmp_path):
-    strategy, model = sharded_gpt()
+def test_sharded_weights_load_into_a_plain_model_and_back(tmp_path, sharded_gpt):
+    strategy, model = sharded_gpt
     x, _ = gpt_data(8)
     expected = model.predict(x, verbose=0)
     model.save_weights(tmp_path / "tp.weights.h5")
@@ -238,16 +240,16 @@ def test_sharded_weights_load_into_a_plain_model_and_back(tmp_path):
     np.testing.assert_allclose(again.predict(x, verbose=0), expected, atol=1e-5)
 
 
-def test_sharded_model_saves_as_keras_archive_for_serving(tmp_path):
-    _, model = sharded_gpt()
+def test_sharded_model_saves_as_keras_archive_for_serving(tmp_path, sharded_gpt):
+    _, model = sharded_gpt
     x, _ = gpt_data(8)
     model.save(tmp_path / "tp.keras")
     plain = keras.models.load_model(tmp_path / "tp.keras", compile=False)
     np.testing.assert_allclose(plain.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
-def test_tf_train_checkpoint_restores_a_sharded_model_into_a_plain_one(tmp_path):
-    _, model = sharded_gpt()
+def test_tf_train_checkpoint_restores_a_sharded_model_into_a_plain_one(tmp_path, sharded_gpt):
+    _, model = sharded_gpt
     x, _ = gpt_data(8)
     path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
     plain = gpt()
