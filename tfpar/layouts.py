@@ -114,8 +114,9 @@ def check_axes(path: str, shape, axes, mesh_shape: dict[str, int]) -> tuple:
         if axis is not None and dim % mesh_shape[axis]:
             raise LayoutError(
                 f"{where}: dimension {dim} is not divisible by mesh axis {axis!r} of size "
-                f"{mesh_shape[axis]}. Choose sizes that divide (e.g. heads or hidden a "
-                f"multiple of {mesh_shape[axis]}) or replicate this dimension (None)."
+                f"{mesh_shape[axis]}. Choose a size that divides (heads or hidden a "
+                f"multiple of {mesh_shape[axis]}; a vocabulary padded, as Megatron does, to a "
+                f"multiple of 128 x {mesh_shape[axis]}) or replicate this dimension (None)."
             )
     return axes
 

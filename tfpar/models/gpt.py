@@ -70,17 +70,20 @@ class GPTConfig:
 
 
 # Published shapes: GPT-2 (Radford et al., 2019), GPT-3 (Brown et al., 2020).
+# The 50257-token BPE vocabulary is padded to 50304 = 393 x 128, as Megatron
+# does (--make-vocab-size-divisible-by): a vocabulary-split embedding needs a
+# size that divides by the model axis, and multiples of 128 suit the hardware.
 SIZES = {
     "tiny": GPTConfig(layers=2, hidden=64, heads=4, seq_len=64),
     "mini": GPTConfig(layers=4, hidden=128, heads=4, seq_len=128),
-    "gpt2-small": GPTConfig(layers=12, hidden=768, heads=12, vocab=50257, seq_len=1024),
-    "gpt2-medium": GPTConfig(layers=24, hidden=1024, heads=16, vocab=50257, seq_len=1024),
-    "gpt2-large": GPTConfig(layers=36, hidden=1280, heads=20, vocab=50257, seq_len=1024),
-    "gpt2-xl": GPTConfig(layers=48, hidden=1600, heads=25, vocab=50257, seq_len=1024),
-    "gpt3-1.3b": GPTConfig(layers=24, hidden=2048, heads=16, vocab=50257, seq_len=2048),
-    "gpt3-6.7b": GPTConfig(layers=32, hidden=4096, heads=32, vocab=50257, seq_len=2048),
-    "gpt3-13b": GPTConfig(layers=40, hidden=5120, heads=40, vocab=50257, seq_len=2048),
-    "gpt3-175b": GPTConfig(layers=96, hidden=12288, heads=96, vocab=50257, seq_len=2048),
+    "gpt2-small": GPTConfig(layers=12, hidden=768, heads=12, vocab=50304, seq_len=1024),
+    "gpt2-medium": GPTConfig(layers=24, hidden=1024, heads=16, vocab=50304, seq_len=1024),
+    "gpt2-large": GPTConfig(layers=36, hidden=1280, heads=20, vocab=50304, seq_len=1024),
+    "gpt2-xl": GPTConfig(layers=48, hidden=1600, heads=25, vocab=50304, seq_len=1024),
+    "gpt3-1.3b": GPTConfig(layers=24, hidden=2048, heads=16, vocab=50304, seq_len=2048),
+    "gpt3-6.7b": GPTConfig(layers=32, hidden=4096, heads=32, vocab=50304, seq_len=2048),
+    "gpt3-13b": GPTConfig(layers=40, hidden=5120, heads=40, vocab=50304, seq_len=2048),
+    "gpt3-175b": GPTConfig(layers=96, hidden=12288, heads=96, vocab=50304, seq_len=2048),
 }
 
 
