@@ -339,3 +339,19 @@ def test_dropout_seed_generator_state_lives_on_the_mesh_and_trains():
     state = model.layers[1].seed_generator.state
     assert isinstance(state._value, dtensor.DVariable)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+@pytest.mark.multiprocess
+def test_a_mesh_wider_than_the_first_is_refused_instead_of_hanging():
+    """TensorFlow 2.21 deadlocks on a 2-device mesh followed by a 4-device one."""
+    import sys
+
+    from conftest import run
+
+    script = ("import tfpar; tfpar.simulate_devices(4)\n"
+              "tfpar.TensorParallel('batch:1,model:2')\n"
+              "try:\n    tfpar.TensorParallel('batch:2,model:2')\n"
+              "except tfpar.mesh.MeshError as e:\n    print('refused:', e)\n")
+    result = run([sys.executable, "-c", script], timeout=120, check=True)
+    assert "refused:" in result.stdout and "more than the 2 of this process's first mesh" \
+        in result.stdout

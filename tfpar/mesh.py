@@ -47,6 +47,13 @@ def parse_mesh(spec: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(names), tuple(sizes)
 
 
+# Devices of the first mesh this process built (single-client). TensorFlow
+# 2.21 deadlocks (ParallelDevice::Join, no error) when a later mesh spans more
+# devices than the first one did: a 2-device mesh then a 4-device mesh hangs
+# at the first variable of the second; 4 -> 2 -> 4 works.
+_first_mesh_devices: int | None = None
+
+
 def num_clients() -> int:
     """Processes that share one mesh (DTensor multi-client), from DTENSOR_JOBS."""
     jobs = os.environ.get("DTENSOR_JOBS", "")
@@ -90,6 +97,7 @@ def build_mesh(names, sizes, device_type: str | None = None, num_local_devices: 
                 "Change the mesh or --num_simulated_devices (devices per process)."
             )
         return dtensor.create_distributed_mesh(list(zip(names, sizes)), device_type=device_type)
+    global _first_mesh_devices
     devices = tf.config.list_logical_devices(device_type)
     if total > len(devices):
         raise MeshError(
@@ -97,6 +105,14 @@ def build_mesh(names, sizes, device_type: str | None = None, num_local_devices: 
             f"process has {len(devices)}: {[d.name for d in devices]}. Use a smaller mesh, "
             "more devices (--num_simulated_devices on CPU), or more processes (tfpar launch)."
         )
+    if _first_mesh_devices is not None and total > _first_mesh_devices:
+        raise MeshError(
+            f"mesh {dict(zip(names, sizes))} spans {total} devices, more than the "
+            f"{_first_mesh_devices} of this process's first mesh; TensorFlow 2.21 hangs on "
+            "that. Build the largest mesh first, or use a new process per mesh size."
+        )
+    if _first_mesh_devices is None:
+        _first_mesh_devices = total
     return dtensor.create_mesh(list(zip(names, sizes)),
                                devices=[d.name for d in devices[:total]],
                                device_type=device_type)
