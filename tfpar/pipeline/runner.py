@@ -298,6 +298,7 @@ class Pipeline:
                                                            sample_weight=wb, training=training)
                                 target = model.optimizer.scale_loss(loss) * weight \
                                     if training else None
+                        raw_out = out
                         done = [out] if loss is None else [out, loss]
                         if record:
                             done = self.timeline.mark(done, key, begin=False)
@@ -309,9 +310,12 @@ class Pipeline:
                             outputs[(r, mb)] = out
                         if training:
                             tapes[(s, mb)], inputs[(s, mb)] = tape, inp
-                            targets[(s, mb)] = target if stage.is_last else out
+                            # The tape's own tensor: a timeline marker is not differentiable.
+                            targets[(s, mb)] = target if stage.is_last else raw_out
                         after[s] = tf.nest.flatten(done)
                     else:
+                        # The last stage's backward has no input to mark: its span
+                        # starts when the stage's previous action ended (see Timeline).
                         upstream = None if stage.is_last else input_grads.pop((s + 1, mb))
                         if record and upstream is not None:
                             upstream = self.timeline.mark(upstream, key, begin=True)

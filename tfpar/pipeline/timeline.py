@@ -51,6 +51,7 @@ class Timeline:
     def __init__(self):
         self._lock = threading.Lock()
         self._open: dict[tuple, float] = {}
+        self._lane_end: dict[tuple, float] = {}
         self.spans: list[Span] = []
         self.step = -1
         self.devices: dict[tuple[int, int], str] = {}
@@ -58,6 +59,7 @@ class Timeline:
     def clear(self):
         with self._lock:
             self._open.clear()
+            self._lane_end.clear()
             self.spans.clear()
             self.step = -1
 
@@ -73,7 +75,12 @@ class Timeline:
             if begin:
                 self._open[step_key] = now
             else:
-                start = self._open.pop(step_key, now)
+                # An action with no input to mark (the last stage's backward)
+                # starts when its stage's previous action ended: the runner
+                # orders each stage's actions, and its input existed by then.
+                lane = (self.step, key[0], key[1])
+                start = self._open.pop(step_key, self._lane_end.get(lane, now))
+                self._lane_end[lane] = now
                 self.spans.append(Span(self.step, *key, start, now))
 
     def mark(self, tensors, key: tuple, begin: bool):
@@ -213,7 +220,9 @@ class FixedCost(keras.layers.Layer):
                 return g
             return out, grad
 
-        return timed(x) * self.scale
+        # The scale enters before the timed op, so that the weight's gradient
+        # also waits for the backward's work.
+        return timed(x * self.scale)
 
     def get_config(self):
         return {**super().get_config(), "forward_seconds": self.forward_seconds,
