@@ -265,3 +265,25 @@ def test_two_replicas_of_two_stages_match_one_device(case, references):
     assert [d[-5:] for d in strategy.describe()["devices"]] == ["CPU:0", "CPU:1", "CPU:2",
                                                                "CPU:3"]
     assert max_abs_diff(model, references[case][0]) <= 1e-5
+
+
+# ------------------------------------------------------------------------ flags
+def test_the_flag_switch_is_the_only_change_a_training_script_needs(tmp_path):
+    """tests/workers/mlp_worker.py, unchanged: the pipeline's weights equal one device's."""
+    import sys
+
+    from conftest import WORKERS, run
+
+    weights = {}
+    for name, flags in (("one", ["--strategy=one_device"]),
+                        ("pipe", ["--strategy=pipeline", "--num_simulated_devices=2",
+                                  "--microbatches=4", "--schedule=gpipe"])):
+        result = run([sys.executable, str(WORKERS / "mlp_worker.py"), *flags, "--epochs=2",
+                      f"--out={tmp_path / name}"])
+        assert result.returncode == 0, result.stdout[-3000:]
+        report = json.loads((tmp_path / f"{name}.rank0.json").read_text())
+        assert report["steps"] == 16
+        weights[name] = np.load(tmp_path / f"{name}.rank0.npz")
+    assert report["strategy"] == "pipeline"
+    for key in weights["one"].files:
+        np.testing.assert_allclose(weights["pipe"][key], weights["one"][key], atol=1e-5)
