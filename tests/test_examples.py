@@ -29,3 +29,13 @@ def test_data_parallel_example_runs_unchanged_under_launch(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["strategy"] == "multi_worker" and summary["replicas"] == 2
     assert summary["final_val_loss"] < 0.7 * summary["initial_val_loss"]
+
+
+def test_data_parallel_example_runs_unchanged_as_a_pipeline(tmp_path):
+    result = run([sys.executable, EXAMPLE, "--strategy=pipeline", "--num_simulated_devices=4",
+                  "--microbatches=4", f"--output_dir={tmp_path}", *SHORT])
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == "pipeline"
+    assert summary["final_val_loss"] < 0.7 * summary["initial_val_loss"]
+    assert (tmp_path / "model.keras").exists()

@@ -29,12 +29,14 @@ _LAZY = {
     "DataParallel": "tfpar.strategies",
     "MultiWorker": "tfpar.strategies",
     "TensorParallel": "tfpar.strategies",
+    "Pipeline": "tfpar.pipeline",
     "from_flags": "tfpar.flags",
     "set_precision": "tfpar.precision",
 }
 
 _SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "exit_codes", "flags",
-               "k8s", "launch", "layouts", "mesh", "models", "precision", "strategies")
+               "k8s", "launch", "layouts", "mesh", "models", "pipeline", "precision",
+               "strategies")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

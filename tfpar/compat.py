@@ -172,6 +172,9 @@ def _install_makedirs_race(install: bool) -> None:
 # gathered to a replicated layout first; assigning host values (set_weights,
 # load_weights) lays them out on the variable's mesh first.
 # Models whose weights live on a mesh get DTensor step functions.
+# The same two hooks serve every strategy of tfpar.strategies.registry (the
+# pipeline runner too): variables created in its scope are initialized by it,
+# and models whose weights it owns get its step functions.
 # ---------------------------------------------------------------------------
 def _dtensor_variable_methods(cls):
     from tensorflow.experimental import dtensor
@@ -183,12 +186,12 @@ def _dtensor_variable_methods(cls):
                 ("_initialize", "numpy", "__array__", "_direct_assign")}
 
     def _initialize(self, value):
-        from tfpar.strategies import tensor_parallel
+        from tfpar.strategies import registry
 
-        strategy = tensor_parallel.current()
-        if strategy is None or isinstance(value, tf.Variable):
+        strategy = registry.current()
+        if strategy is None:
             return upstream["_initialize"](self, value)
-        self._value = strategy.create_variable(self, value)
+        strategy.initialize_variable(self, value, upstream["_initialize"])
 
     def numpy(self):
         if not is_dvariable(self):
@@ -241,6 +244,8 @@ def _install_dtensor_variables(install: bool) -> None:
 _STEP_FACTORIES = {"make_train_function": "train_function",
                    "make_test_function": "test_function",
                    "make_predict_function": "predict_function"}
+_STEP_KINDS = {"make_train_function": "train", "make_test_function": "test",
+               "make_predict_function": "predict"}
 
 
 def _dtensor_step_factory(upstream, name):
@@ -248,18 +253,13 @@ def _dtensor_step_factory(upstream, name):
 
     @functools.wraps(upstream)
     def make(self, force=False):
-        from tfpar.strategies import tensor_parallel
+        from tfpar.strategies import registry
 
-        strategy = tensor_parallel.strategy_of(self)
+        strategy = registry.strategy_of(self)
         if strategy is None:
             return upstream(self, force)
         if getattr(self, attribute) is None or force:
-            if name == "make_predict_function":
-                function = strategy._make_predict_function(self)
-            else:
-                step = self.train_step if name == "make_train_function" else self.test_step
-                function = strategy._make_function(self, step)
-            setattr(self, attribute, function)
+            setattr(self, attribute, strategy.step_function(self, _STEP_KINDS[name]))
         return getattr(self, attribute)
 
     make._tfpar_upstream = upstream
@@ -395,3 +395,24 @@ def tensorflow_initialized() -> bool:
     from tensorflow.python.eager import context
 
     return context.context()._context_handle is not None
+
+
+# ---------------------------------------------------------------------------
+# Moving a Keras variable to another device (tfpar.Pipeline).
+# Keras 3 has no API to place an existing variable; its TensorFlow backend
+# keeps the tf.Variable in `Variable._value` (keras/src/backend/tensorflow/
+# core.py, verified on 3.15.1) and reads it only through that attribute, so a
+# copy made under tf.device replaces it and every layer, optimizer slot made
+# later (colocated with it) and checkpoint sees the moved one. Must run before
+# any tf.function that uses the variable is traced.
+# ---------------------------------------------------------------------------
+def place_variable(variable, device: str) -> None:
+    """Re-creates the tf.Variable behind a Keras variable on `device`, same value."""
+    old = getattr(variable, "_value", None)
+    if not isinstance(old, tf.Variable):
+        raise TypeError(f"variable {getattr(variable, 'path', variable)!r} has no TensorFlow "
+                        "variable to move (is it a DTensor or an uninitialized variable?).")
+    with tf.init_scope(), tf.device(device):
+        variable._value = tf.Variable(
+            tf.identity(old.read_value()), dtype=old.dtype, trainable=old.trainable,
+            name=variable.name, aggregation=old.aggregation, synchronization=old.synchronization)

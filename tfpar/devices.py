@@ -57,6 +57,14 @@ def simulate_devices(n: int) -> list[str]:
         )
     if current is None or len(current) != n:
         tf.config.set_logical_device_configuration(cpu, wanted)
+    # Logical CPU devices share one inter-op thread pool, by default one
+    # thread per core: on 2 cores, 4 pipeline stages (or replicas) that each
+    # wait on work of their own could run only 2 at a time. A thread per
+    # device on top of the cores lets each device have an op in flight.
+    if tf.config.threading.get_inter_op_parallelism_threads() == 0:
+        import os
+
+        tf.config.threading.set_inter_op_parallelism_threads(n + (os.cpu_count() or 1))
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 

@@ -35,9 +35,8 @@ STRATEGIES = ("auto", "one_device", "data", "multi_worker", "tensor", "pipeline"
 ALL_REDUCE = ("auto", "nccl", "ring", "hierarchical_copy", "reduce_to_one")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Strategies whose flags exist but whose implementation has not landed yet.
-NOT_YET_AVAILABLE = {
-    "pipeline": "pipeline parallelism (staged runner)",
-}
+NOT_YET_AVAILABLE: dict[str, str] = {}
+SCHEDULES = ("gpipe", "1f1b")
 
 FLAGS = flags.FLAGS
 
@@ -92,6 +91,21 @@ _define(flags.DEFINE_string, "mesh", None,
 _define(flags.DEFINE_string, "layouts", "megatron",
         "tensor: how weights are split: 'megatron' (column/row-parallel MLP, "
         "attention by heads, vocabulary-split embedding) or 'replicated'.")
+_define(flags.DEFINE_integer, "pipeline_stages", 0,
+        "pipeline: number of stages K (0: one per local device, or as many as "
+        "--split_points make). Cuts balance the stages' parameter counts.")
+_define(flags.DEFINE_integer, "microbatches", 1,
+        "pipeline: micro-batches M per batch; the per-replica batch should divide by "
+        "it. More micro-batches shrink the bubble (K-1)/(M+K-1).")
+_define(flags.DEFINE_enum, "schedule", "1f1b", SCHEDULES,
+        "pipeline: gpipe (all forwards, then all backwards; stashes M micro-batches) "
+        "or 1f1b (same bubble, stashes at most K).")
+_define(flags.DEFINE_list, "split_points", [],
+        "pipeline: names of the layers that begin stages 1..K-1, e.g. block_2,block_4 "
+        "(default: balanced automatic cuts).")
+_define(flags.DEFINE_integer, "pipeline_replicas", 1,
+        "pipeline: data-parallel copies of the pipeline on this host (stages x "
+        "replicas devices).")
 _define(flags.DEFINE_enum, "precision", "float32", PRECISIONS,
         "Keras dtype policy. mixed_float16 adds dynamic loss scaling.")
 
@@ -165,6 +179,35 @@ def _cluster_hosts(f) -> bool:
     return True
 
 
+def _pipeline_flags(f) -> bool:
+    for name in ("pipeline_stages", "microbatches", "pipeline_replicas"):
+        low = 0 if name == "pipeline_stages" else 1
+        _check(f[name] >= low, f"--{name}={f[name]}: must be >= {low}.")
+    stages, points = f["pipeline_stages"], f["split_points"]
+    if points:
+        _check(len(set(points)) == len(points),
+               f"--split_points={','.join(points)}: names a layer twice; each split point "
+               "begins a new stage.")
+        _check(not stages or stages == len(points) + 1,
+               f"--pipeline_stages={stages} but --split_points={','.join(points)} make "
+               f"{len(points) + 1} stages; give K-1 split points for K stages, or drop "
+               "--pipeline_stages.")
+    pipeline_only = [f"--{n}" for n, default in (("pipeline_stages", 0), ("microbatches", 1),
+                                                  ("pipeline_replicas", 1))
+                     if f[n] != default] + (["--split_points"] if points else [])
+    if pipeline_only:
+        _check(f["strategy"] == "pipeline",
+               f"{', '.join(pipeline_only)} configure the pipeline, but --strategy="
+               f"{f['strategy']}; add --strategy=pipeline or drop them.")
+    if f["strategy"] == "pipeline" and f["num_simulated_devices"] and (stages or len(points) + 1 > 1):
+        need = max(stages, len(points) + 1) * f["pipeline_replicas"]
+        _check(f["num_simulated_devices"] >= need,
+               f"--num_simulated_devices={f['num_simulated_devices']} is fewer than the "
+               f"{need} devices the pipeline needs (stages x --pipeline_replicas); use "
+               f"--num_simulated_devices={need}.")
+    return True
+
+
 def _all_reduce_fits_strategy(f) -> bool:
     strategy, all_reduce = f["strategy"], f["all_reduce"]
     if strategy == "multi_worker":
@@ -196,6 +239,9 @@ flags.register_multi_flags_validator(
 flags.register_multi_flags_validator(
     ["strategy", "worker_hosts", "chief_host", "task_type", "task_index"], _cluster_hosts)
 flags.register_multi_flags_validator(["strategy", "all_reduce"], _all_reduce_fits_strategy)
+flags.register_multi_flags_validator(
+    ["strategy", "pipeline_stages", "microbatches", "split_points", "pipeline_replicas",
+     "num_simulated_devices"], _pipeline_flags)
 
 
 # ------------------------------------------------------------- from the flags
@@ -287,6 +333,13 @@ def from_flags():
         )
     if name == "tensor":
         return _tensor_from_flags()
+    if name == "pipeline":
+        from tfpar.pipeline import Pipeline
+
+        return Pipeline(stages=FLAGS.pipeline_stages or None,
+                        split_points=FLAGS.split_points or None,
+                        microbatches=FLAGS.microbatches, schedule=FLAGS.schedule,
+                        replicas=FLAGS.pipeline_replicas)
     raise ValueError(f"--strategy={name}: {NOT_YET_AVAILABLE.get(name, 'unknown')}")
 
 

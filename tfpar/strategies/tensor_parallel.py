@@ -28,7 +28,6 @@ import contextlib
 import functools
 import logging
 import math
-import threading
 import warnings
 
 import keras
@@ -38,16 +37,15 @@ from tensorflow.experimental import dtensor
 
 from tfpar import compat, layouts
 from tfpar.mesh import BATCH_AXIS, MeshError, build_mesh, client_id, num_clients, parse_mesh
+from tfpar.strategies import registry
 
 log = logging.getLogger("tfpar")
-
-_active = threading.local()
 
 
 def current() -> "TensorParallel | None":
     """The TensorParallel whose scope is active in this thread, if any."""
-    stack = getattr(_active, "stack", None)
-    return stack[-1] if stack else None
+    strategy = registry.current()
+    return strategy if isinstance(strategy, TensorParallel) else None
 
 
 class TensorParallel:
@@ -128,14 +126,10 @@ class TensorParallel:
     def scope(self):
         """Variables created inside live on the mesh; models compiled inside train on it."""
         compat.apply_keras_fixes()
-        stack = getattr(_active, "stack", None)
-        if stack is None:
-            stack = _active.stack = []
-        stack.append(self)
         try:
-            yield self
+            with registry.entered(self):
+                yield self
         finally:
-            stack.pop()
             self._warn_unmatched()
 
     def _warn_unmatched(self):
@@ -167,6 +161,12 @@ class TensorParallel:
         self.variables[path] = (tuple(int(d) for d in shape), axes)
         return dtensor.Layout([a if a is not None else dtensor.UNSHARDED for a in axes], self.mesh)
 
+    def initialize_variable(self, keras_variable, value, upstream) -> None:
+        """The registry protocol: every Keras variable created in scope comes here."""
+        if isinstance(value, tf.Variable):
+            return upstream(keras_variable, value)
+        keras_variable._value = self.create_variable(keras_variable, value)
+
     def create_variable(self, keras_variable, value) -> dtensor.DVariable:
         """Makes the DVariable behind a Keras variable (called from tfpar.compat)."""
         with tf.init_scope():
@@ -182,7 +182,7 @@ class TensorParallel:
         else:
             layout = self.layout_for(keras_variable.path, value.shape)
             keras_variable._layout = layout
-        keras_variable._tfpar_strategy = self  # how a model finds its strategy
+        registry.tag(keras_variable, self)  # how a model finds its strategy
         with tf.init_scope():
             value = to_layout(value, layout)
             return dtensor.DVariable(
@@ -243,6 +243,12 @@ class TensorParallel:
         return dtensor.unpack(value)[0]
 
     # --------------------------------------------------------------- models
+    def step_function(self, model, kind: str):
+        """The registry protocol: Keras's "train", "test" or "predict" function."""
+        if kind == "predict":
+            return self._make_predict_function(model)
+        return self._make_function(model, model.train_step if kind == "train" else model.test_step)
+
     def _make_function(self, model, step_function):
         """Keras's train/test function, with each batch packed onto the mesh.
 
@@ -327,11 +333,8 @@ class TensorParallel:
 
 def strategy_of(model) -> "TensorParallel | None":
     """The TensorParallel a model's weights live on, if any."""
-    for variable in getattr(model, "weights", ()):
-        strategy = getattr(variable, "_tfpar_strategy", None)
-        if strategy is not None:
-            return strategy
-    return None
+    strategy = registry.strategy_of(model)
+    return strategy if isinstance(strategy, TensorParallel) else None
 
 
 _jit_warned = False

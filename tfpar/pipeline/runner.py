@@ -1,0 +1,415 @@
+"""The pipeline runner: a Keras model's stages on their devices, trained by `model.fit`.
+
+`Pipeline` is a tfpar strategy. Build and compile the model under its
+scope, as with every other strategy; the first `fit`, `evaluate` or
+`predict` splits the model into stages (`tfpar.pipeline.split`), moves each
+stage's variables to its device, and runs every step as one `tf.function`
+in which:
+
+- the batch is cut into M micro-batches (`tfpar.pipeline.microbatch`);
+- stage s runs its actions in the order of the schedule
+  (`tfpar.pipeline.schedules`), each action under `tf.device(stage s)` and
+  a control dependency on the stage's previous action: inside one function
+  TensorFlow's executor runs whatever is ready, so without them a stage
+  would run any micro-batch whose input exists and the schedule (and its
+  memory bound) would be lost;
+- each forward records its own `GradientTape`, and each backward asks it
+  for the stage's gradients given the next stage's input gradient
+  (`output_gradients`), so the backward runs on the stage's device too;
+- gradients are accumulated densely over micro-batches (and summed over
+  replicas in the hybrid), each micro-batch loss weighted 1/(R*M): the
+  gradient of the mean loss over the whole batch, exactly;
+- one optimizer step follows, and metrics are computed once over the
+  whole batch's predictions.
+
+The model stays an ordinary Keras model: `get_weights`, `save`,
+`save_weights` and `load_weights` work as usual, and a saved model loads
+without tfpar.
+
+Example::
+
+    tfpar.simulate_devices(4)
+    strategy = tfpar.Pipeline(stages=4, microbatches=8, schedule="1f1b")
+    with strategy.scope():
+        model = tfpar.models.gpt("tiny")
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=tfpar.models.lm_loss())
+    model.fit(tokens, targets, batch_size=64, epochs=1)
+    strategy.stages    # [StageSpec(layers=[token_embedding, ...], device=...), ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import keras
+import tensorflow as tf
+
+from tfpar import compat
+from tfpar.pipeline import microbatch, schedules, split
+from tfpar.pipeline.schedules import BACKWARD, FORWARD
+from tfpar.pipeline.timeline import Timeline
+from tfpar.strategies import registry
+
+log = logging.getLogger("tfpar")
+
+
+class PipelineConfigError(ValueError):
+    """A Pipeline was asked for something it cannot do."""
+
+
+class Stage:
+    """What runs on one device: a contiguous run of the model's operations."""
+
+    def __init__(self, spec: split.StageSpec, devices: list[str], is_last: bool):
+        self.spec, self.index, self.is_last = spec, spec.index, is_last
+        self.devices = devices  # one per replica; replica 0's holds the variables
+        self.model = keras.Model(spec.inputs, spec.outputs, name=f"stage_{spec.index}")
+        seen = set()
+        self.trainable_variables = []
+        self.variables = []
+        for op in spec.operations:
+            for v in getattr(op, "variables", ()):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    self.variables.append(v)
+                    if v.trainable and any(v is w for w in op.trainable_weights):
+                        self.trainable_variables.append(v)
+
+    @property
+    def device(self) -> str:
+        return self.devices[0]
+
+    def __repr__(self):
+        return (f"Stage({self.index}, layers={self.spec.layer_names}, device={self.device!r}, "
+                f"parameters={self.spec.parameters})")
+
+
+class Pipeline:
+    """Pipeline parallelism: consecutive blocks of a model on consecutive devices.
+
+    Args:
+      stages: K, the number of stages (cuts balance the parameter counts,
+        or `costs`). Default: as many as `devices` (per replica) or local
+        devices allow.
+      split_points: names of the layers that begin stages 1..K-1, instead.
+      microbatches: M; each batch is cut into M equal micro-batches (a batch
+        that M does not divide uses M's largest divisor that does).
+      schedule: "gpipe", "1f1b", or a `tfpar.pipeline.Schedule`.
+      devices: K*R device names (replica-major) or R lists of K. Default:
+        the first K*R local GPUs, else logical CPUs. Remote devices
+        ("/job:worker/replica:0/task:1/device:CPU:0", after
+        `tf.config.experimental_connect_to_cluster`) put stages on other hosts.
+      replicas: R, data-parallel copies of the pipeline (the hybrid): each
+        gets 1/R of every batch; gradients are summed onto the devices of
+        replica 0, which hold the variables.
+      costs: {layer name: cost} to balance by instead of parameter counts.
+      record_timeline: record every action's span (`self.timeline`).
+
+    The model is built and compiled under `scope()`; its first use splits
+    it. Models the splitter cannot cut raise `PipelineSplitError` saying why.
+
+    Example::
+
+        strategy = tfpar.Pipeline(split_points=["block_2"], microbatches=4)
+        with strategy.scope():
+            model = tfpar.models.gpt("mini")
+            model.compile(optimizer="adamw", loss=tfpar.models.lm_loss())
+        model.fit(x, y, batch_size=32)
+    """
+
+    kind = "pipeline"
+
+    def __init__(self, stages: int | None = None, split_points=None, microbatches: int = 1,
+                 schedule="gpipe", devices=None, replicas: int = 1, costs: dict | None = None,
+                 record_timeline: bool = False):
+        if split_points is not None and isinstance(split_points, str):
+            split_points = [p for p in split_points.split(",") if p]
+        if split_points:
+            k = len(split_points) + 1
+            if stages not in (None, 0, k):
+                raise PipelineConfigError(
+                    f"stages={stages} but split_points={list(split_points)} make {k} stages; "
+                    "give one of them (or K-1 split points for K stages).")
+            stages = k
+        if stages is not None and stages < 0:
+            raise PipelineConfigError(f"stages={stages}: must be >= 1 (or 0/None: one per device).")
+        if not isinstance(microbatches, int) or microbatches < 1:
+            raise PipelineConfigError(f"microbatches={microbatches!r}: must be an integer >= 1.")
+        if not isinstance(replicas, int) or replicas < 1:
+            raise PipelineConfigError(f"replicas={replicas!r}: must be an integer >= 1.")
+        self.schedule = schedules.get(schedule)
+        self.split_points = list(split_points) if split_points else None
+        self.num_microbatches = microbatches
+        self.replicas = replicas
+        self.costs = costs
+        self.devices = _resolve_devices(devices, stages or None, replicas)
+        self.num_stages = len(self.devices[0])
+        self.timeline = Timeline() if record_timeline else None
+        if self.timeline is not None:
+            for r, row in enumerate(self.devices):
+                for s, device in enumerate(row):
+                    self.timeline.devices[(r, s)] = device
+        self.stages: list[Stage] = []
+        self._warned: set[str] = set()
+
+    # -------------------------------------------------------------- identity
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """Data-parallel replicas: a global batch must divide by it."""
+        return self.replicas
+
+    num_workers, worker_index, is_chief = 1, 0, True
+
+    def describe(self) -> dict:
+        return {"strategy": self.kind, "class": type(self).__name__,
+                "replicas": self.replicas, "workers": 1, "worker_index": 0,
+                "stages": self.num_stages, "microbatches": self.num_microbatches,
+                "schedule": self.schedule.name,
+                "devices": [d for row in self.devices for d in row],
+                "split": [s.spec.layer_names for s in self.stages] or None}
+
+    # ----------------------------------------------------------------- scope
+    @contextlib.contextmanager
+    def scope(self):
+        """Models built and compiled inside are trained by this pipeline."""
+        compat.apply_keras_fixes()
+        with registry.entered(self):
+            yield self
+
+    def initialize_variable(self, keras_variable, value, upstream) -> None:
+        """The registry protocol: variables start on the default device and are
+        moved to their stage's device when the model is first split."""
+        upstream(keras_variable, value)
+        registry.tag(keras_variable, self)
+
+    # ----------------------------------------------------------------- split
+    def prepare(self, model: keras.Model) -> list[Stage]:
+        """Splits `model` and moves each stage's variables to its device (once)."""
+        if getattr(model, "_tfpar_pipeline_stages", None) is not None:
+            return model._tfpar_pipeline_stages
+        if model.jit_compile:
+            # XLA cannot compile a function whose resources sit on several
+            # devices ("Trying to access resource ... located in device ...").
+            log.warning("tfpar Pipeline: jit_compile=%s is turned off; XLA cannot compile "
+                        "steps that span devices.", model.jit_compile)
+        model.jit_compile = False
+        specs = split.plan(model, num_stages=self.num_stages, split_points=self.split_points,
+                           costs=self.costs)
+        for spec in specs:
+            for op in spec.operations:
+                if getattr(op, "activity_regularizer", None) is not None:
+                    raise split.PipelineSplitError(
+                        f"layer {op.name!r} has an activity regularizer: its loss is made in "
+                        f"stage {spec.index} but the loss is computed on the last stage, so "
+                        "its gradient would be lost. Remove it, or use a weight regularizer.")
+        stages = [Stage(spec, [row[spec.index] for row in self.devices], i == len(specs) - 1)
+                  for i, spec in enumerate(specs)]
+        for stage in stages:
+            for v in stage.variables:
+                compat.place_variable(v, stage.device)
+        if model.optimizer is not None and not model.optimizer.built:
+            # Slots are made now, next to their (moved) variables.
+            with tf.init_scope():
+                model.optimizer.build(model.trainable_variables)
+        model._tfpar_pipeline_stages = stages
+        self.stages = stages
+        return stages
+
+    # --------------------------------------------------------- step functions
+    def step_function(self, model, kind: str):
+        """The registry protocol: Keras's "train", "test" or "predict" function."""
+        stages = self.prepare(model)
+        compiled = tf.function(
+            lambda data, m: self._step(model, stages, data, m, kind), reduce_retracing=True)
+
+        if kind == "predict":
+            def predict(data):
+                outputs = [compiled(batch, self._microbatches_for(batch, kind)) for batch in data]
+                return microbatch.merge(outputs)
+            return predict
+
+        def function(iterator):
+            outputs = None
+            for _ in range(model.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+                if self.timeline is not None and kind == "train":
+                    self.timeline.next_step()
+                outputs = compiled(data, self._microbatches_for(data, kind))
+            if outputs is None:
+                raise StopIteration
+            return outputs
+
+        return function
+
+    def _microbatches_for(self, data, kind) -> int:
+        rows = microbatch.rows_of(data)
+        if rows % self.replicas:
+            raise PipelineConfigError(
+                f"a batch of {rows} rows cannot be split over {self.replicas} pipeline "
+                f"replicas; use batch sizes that divide by {self.replicas}.")
+        m = microbatch.count_for(rows // self.replicas, self.num_microbatches)
+        if m != self.num_microbatches and kind == "train" and "partial" not in self._warned:
+            self._warned.add("partial")
+            log.warning("tfpar Pipeline: a training batch of %d rows per replica does not split "
+                        "into %d micro-batches; it runs as %d. Use a batch size that divides "
+                        "by microbatches x replicas.", rows // self.replicas,
+                        self.num_microbatches, m)
+        return m
+
+    def _step(self, model, stages, data, m, kind):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        R, K = self.replicas, len(stages)
+        training = kind == "train"
+        parts = microbatch.split((x, y, sample_weight), R * m)
+        weight = 1.0 / (R * m)
+        order = self.schedule.creation_order(K, m, forward_only=not training)
+        record = self.timeline is not None and training
+        last_device = stages[-1].device
+
+        outputs, losses = {}, []
+        variable_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        sums = [dict() for _ in range(R)]  # replica -> {variable index: gradient sum}
+        for r in range(R):
+            acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
+            after = [[] for _ in range(K)]  # the previous action of each stage
+            for action in order:
+                s, mb = action.stage, action.microbatch
+                stage = stages[s]
+                xb, yb, wb = parts[r * m + mb]
+                key = (r, s, mb, action.kind)
+                with tf.device(stage.devices[r]), tf.control_dependencies(after[s]):
+                    if action.kind == FORWARD:
+                        inp = xb if s == 0 else acts[(r, s - 1, mb)]
+                        inp = tf.nest.map_structure(_identity, inp)
+                        if record:
+                            inp = self.timeline.mark(inp, key, begin=True)
+                        tape = tf.GradientTape() if training else _no_tape()
+                        with tape:
+                            if training and s > 0:
+                                tape.watch(inp)
+                            out = stage.model(inp, training=training)
+                            loss = None
+                            if stage.is_last and kind != "predict":
+                                loss = model._compute_loss(x=xb, y=yb, y_pred=out,
+                                                           sample_weight=wb, training=training)
+                                target = model.optimizer.scale_loss(loss) * weight \
+                                    if training else None
+                        raw_out = out
+                        done = [out] if loss is None else [out, loss]
+                        if record:
+                            done = self.timeline.mark(done, key, begin=False)
+                        out = done[0]
+                        if loss is not None:
+                            losses.append(done[1] * weight)
+                        acts[(r, s, mb)] = out
+                        if stage.is_last:
+                            outputs[(r, mb)] = out
+                        if training:
+                            tapes[(s, mb)], inputs[(s, mb)] = tape, inp
+                            # The tape's own tensor: a timeline marker is not differentiable.
+                            targets[(s, mb)] = target if stage.is_last else raw_out
+                        after[s] = tf.nest.flatten(done)
+                    else:
+                        # The last stage's backward has no input to mark: its span
+                        # starts when the stage's previous action ended (see Timeline).
+                        upstream = None if stage.is_last else input_grads.pop((s + 1, mb))
+                        if record and upstream is not None:
+                            upstream = self.timeline.mark(upstream, key, begin=True)
+                        sources = list(stage.trainable_variables)
+                        if stage.is_last:
+                            # Weight regularizers of every stage are part of the loss
+                            # computed here: their gradients come from this tape.
+                            sources += [v for v in model.trainable_variables
+                                        if not any(v is w for w in stage.trainable_variables)]
+                        wrt = sources + ([inputs[(s, mb)]] if s > 0 else [])
+                        grads = tapes.pop((s, mb)).gradient(
+                            targets.pop((s, mb)), wrt, output_gradients=upstream)
+                        grads = [None if g is None else _dense(g) for g in grads]
+                        if record:
+                            grads = self.timeline.mark(grads, key, begin=False)
+                        if s > 0:
+                            input_grads[(s, mb)] = grads[-1]
+                            del inputs[(s, mb)]
+                        for v, g in zip(sources, grads):
+                            if g is None:
+                                continue
+                            i = variable_index[id(v)]
+                            sums[r][i] = g if i not in sums[r] else sums[r][i] + g
+                        after[s] = [g for g in grads if g is not None]
+                        del acts[(r, s, mb)]
+
+        with tf.device(last_device):
+            y_pred = microbatch.merge([outputs[(r, mb)] for r in range(R) for mb in range(m)])
+        if kind == "predict":
+            return y_pred
+        with tf.device(last_device):
+            total = tf.add_n(losses)
+        if training:
+            owner = {id(v): st.device for st in stages for v in st.trainable_variables}
+            grads = []
+            for i, v in enumerate(model.trainable_variables):
+                parts_of_v = [sums[r][i] for r in range(R) if i in sums[r]]
+                if not parts_of_v:
+                    grads.append(None)
+                    continue
+                with tf.device(owner.get(id(v), last_device)):
+                    # The hybrid's all-reduce: replica sums meet on the owner device,
+                    # and every replica reads the updated variable from there.
+                    grads.append(parts_of_v[0] if len(parts_of_v) == 1 else tf.add_n(parts_of_v))
+            model.optimizer.apply(grads, model.trainable_variables)
+        if model._loss_tracker is not None:
+            model._loss_tracker.update_state(total, sample_weight=microbatch_rows(x))
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def microbatch_rows(x):
+    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+
+def _identity(t):
+    return None if t is None else tf.identity(t)
+
+
+def _dense(g):
+    # Embedding gradients are IndexedSlices: they cannot be added to each other,
+    # and Adam treats repeated rows differently from their sum; the dense sum is
+    # the exact gradient of the whole batch.
+    return tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+
+
+@contextlib.contextmanager
+def _no_tape():
+    yield None
+
+
+def _resolve_devices(devices, stages, replicas) -> list[list[str]]:
+    if devices is not None:
+        flat = [d for row in devices for d in (row if isinstance(row, (list, tuple)) else [row])]
+        if stages is None:
+            if len(flat) % replicas:
+                raise PipelineConfigError(
+                    f"{len(flat)} devices do not split over replicas={replicas}; give "
+                    "stages x replicas devices.")
+            stages = len(flat) // replicas
+        if len(flat) != stages * replicas:
+            raise PipelineConfigError(
+                f"devices={flat}: {len(flat)} devices for stages={stages} x replicas={replicas} "
+                f"= {stages * replicas}; give exactly one device per stage and replica.")
+        return [flat[r * stages:(r + 1) * stages] for r in range(replicas)]
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    local = gpus if len(gpus) >= max(2, (stages or 0) * replicas) else cpus
+    if stages is None:
+        stages = max(1, len(local) // replicas)
+    need = stages * replicas
+    if len(local) < need:
+        raise PipelineConfigError(
+            f"stages={stages} x replicas={replicas} need {need} devices; this host has "
+            f"{len(gpus)} GPU(s) and {len(cpus)} CPU device(s). On a CPU, split it first: "
+            f"tfpar.simulate_devices({need}) (flag --num_simulated_devices={need}), or pass "
+            "devices=[...].")
+    return [local[r * stages:(r + 1) * stages] for r in range(replicas)]
