@@ -69,6 +69,18 @@ def test_every_local_all_reduce_gives_the_same_training(baseline, all_reduce):
     assert max_abs_diff(baseline[0].get_weights(), model.get_weights()) <= 1e-5
 
 
+def test_two_strategies_in_one_process_train_different_models():
+    """MirroredStrategy's shared collective keys would collide (tfpar.compat)."""
+    x = np.random.RandomState(0).normal(size=(64, 3)).astype("float32")
+    for width in (5, 2):
+        strategy = tfpar.DataParallel()
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(width)])
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        history = model.fit(x, x[:, :1].repeat(width, axis=1), batch_size=16, epochs=2, verbose=0)
+        assert np.isfinite(history.history["loss"][-1])
+
+
 def test_nccl_all_reduce_on_cpus_is_refused():
     with pytest.raises(ValueError, match="needs GPUs"):
         tfpar.DataParallel(all_reduce="nccl")

@@ -57,15 +57,12 @@ def test_multi_worker_under_launch_matches_one_device_and_data_parallel(referenc
     assert max_abs_diff(weights(mw_out, 0), weights(mw_out, 1)) == 0.0
     # Training moved the weights far beyond the tolerance.
     assert report(reference)["history"]["loss"][-1] < 0.5 * report(reference)["history"]["loss"][0]
-
-
-def test_launch_prefixes_ranks_and_keeps_progress_from_the_chief_only(tmp_path):
-    result = launch(f"--out={tmp_path / 'w'}", "--epochs=2")  # every rank runs verbose=2
-    assert result.returncode == 0
+    # The launcher prefixes every line with its rank and keeps Keras progress
+    # (every rank runs verbose=2) from the chief only.
     lines = result.stdout.splitlines()
     assert "[rank 0] rank 0 done" in lines and "[rank 1] rank 1 done" in lines
-    assert any(l.startswith("[rank 0] Epoch 2/2") for l in lines)
-    assert sum(l.startswith("[rank 0] 8/8 - ") for l in lines) == 2
+    assert any(l.startswith("[rank 0] Epoch 3/3") for l in lines)
+    assert sum(l.startswith("[rank 0] 8/8 - ") for l in lines) == 3
     assert not any(l.startswith("[rank 1] Epoch") or l.startswith("[rank 1] 8/8") for l in lines)
 
 

@@ -134,7 +134,7 @@ def test_dtensor_all_reduce_combining_loses_adam_updates_so_tfpar_turns_it_off(c
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 def test_sgd_with_and_without_momentum_trains_embeddings(optimizer):
-    x, y = gpt_data(80)
+    x, y = gpt_data(48)
     expected = reference(gpt, x, y, batch=8, optimizer=optimizer, loss=tfpar.models.lm_loss(),
                          metrics=())
     _, model = tensor_parallel("batch:2,model:2", gpt, x, y, batch=8, optimizer=optimizer,

@@ -390,6 +390,25 @@ def configure_coordination_service(
     ctx._coordination_service_config.cluster_register_with_barrier = True
 
 
+# ---------------------------------------------------------------------------
+# Collective keys of MirroredStrategy (TensorFlow 2.21).
+# Every MirroredStrategy numbers its collective groups from the same start
+# (`_collective_key_base` is 0 for all), and TensorFlow caches a collective's
+# parameters per (group, instance) key for the life of the process. A second
+# strategy over the same devices that trains another model then collides
+# with the first: "Shape mismatch in the collective instance 100 ... expected
+# shape [2] but another member in the group expected shape [676]". Each
+# tfpar.DataParallel gets a key range of its own.
+# ---------------------------------------------------------------------------
+_COLLECTIVE_KEY_STRIDE = 100_000
+_collective_key_bases = iter(range(_COLLECTIVE_KEY_STRIDE, 2**30, _COLLECTIVE_KEY_STRIDE))
+
+
+def unique_collective_key_base() -> int:
+    """A collective group-key base no other strategy of this process uses."""
+    return next(_collective_key_bases)
+
+
 def tensorflow_initialized() -> bool:
     """Whether TensorFlow's runtime context (and so its devices) is fixed."""
     from tensorflow.python.eager import context

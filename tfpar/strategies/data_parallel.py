@@ -130,6 +130,8 @@ class DataParallel(_Described, tf.distribute.MirroredStrategy):
             "hierarchical_copy": lambda: tf.distribute.HierarchicalCopyAllReduce(),
             "reduce_to_one": lambda: tf.distribute.ReductionToOneDevice(),
         }[all_reduce]
+        # Read by MirroredStrategy's constructor: see compat.unique_collective_key_base.
+        self._collective_key_base = compat.unique_collective_key_base()
         super().__init__(
             devices=devices,
             cross_device_ops=cross_device_ops() if cross_device_ops else None,
