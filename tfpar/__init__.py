@@ -35,8 +35,8 @@ _LAZY = {
 }
 
 _SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "exit_codes", "flags",
-               "k8s", "launch", "layouts", "mesh", "models", "pipeline", "precision",
-               "strategies")
+               "k8s", "launch", "layouts", "mesh", "models", "pipeline", "plan", "precision",
+               "strategies", "train")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

@@ -69,6 +69,17 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         with tf.io.gfile.GFile(self._metadata_path, "r") as f:
             return json.loads(f.read())
 
+    def position(self) -> tuple[int, int] | None:
+        """(epoch, batches done in it) of the committed backup, or None if there is none.
+
+        A job that must know where it resumes before `fit` (to position its
+        input, or to size its schedule) reads it here; `fit` restores it.
+        """
+        metadata = self._read_metadata()
+        if metadata is None or "weights" not in metadata:
+            return None
+        return metadata["epoch"], metadata.get("step_in_epoch", 0)
+
     def _load_model(self):
         metadata = self._read_metadata()
         if metadata is None or "weights" not in metadata:

@@ -76,3 +76,55 @@ def local_devices() -> list[str]:
     if gpus:
         return [d.name for d in gpus]
     return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets (SXM parts, no
+# sparsity), by compute dtype: "float32" is TensorFloat-32, which TensorFlow
+# uses for float32 matmuls on Ampere and newer.
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "V100": {"bfloat16": 15.7e12, "float16": 125e12, "float32": 15.7e12},
+    "T4": {"bfloat16": 8.1e12, "float16": 65e12, "float32": 8.1e12},
+}
+
+
+def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
+    """Peak FLOP/s of this process's accelerator, and where the number comes from.
+
+    A known GPU: its data-sheet dense peak for `compute_dtype`, per GPU.
+    Anything else (CPUs, unknown GPUs): measured, as the best throughput of
+    a 1024^3 matmul in `compute_dtype` on the first device. Logical CPU
+    devices share the host's cores, so a CPU's peak is the host's, once,
+    however many simulated devices it is split into.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "")
+        for model, peaks in PEAK_FLOPS.items():
+            if model in name.upper().replace("NVIDIA ", ""):
+                return peaks.get(compute_dtype, peaks["float32"]), f"data sheet ({name})"
+    return measure_matmul_flops(compute_dtype), "measured (1024^3 matmul)"
+
+
+def measure_matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul on the default device (after a warm-up)."""
+    import time
+
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal((n, n), seed=(1, 2), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x), tf.float32)))
+    float(matmul(a))  # trace and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        float(matmul(a))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best

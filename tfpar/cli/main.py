@@ -1,6 +1,8 @@
 """`tfpar <command> [flags] [-- program ...]`.
 
 Commands:
+  train    train the reference GPT on text (the embedded corpus by default)
+  plan     recommend data/tensor/pipeline degrees for a model and a cluster
   info     devices, versions, the strategy the flags would build, the cluster
   launch   run a command as N local workers (tfpar's torchrun)
   k8s      `k8s render`: Kubernetes manifests for a multi-worker job
@@ -18,6 +20,7 @@ import sys
 from absl import app, flags
 
 from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
+from tfpar.train import flags as train_flags  # noqa: F401  (defines the train flags)
 from tfpar.cluster import ClusterConfigError, dtensor_env
 from tfpar.devices import DeviceConfigError, simulate_devices
 
@@ -56,10 +59,14 @@ flags.DEFINE_string("output", None, "k8s render: write the YAML here instead of 
 K8S_DEFAULT_MAX_RESTARTS = 3
 K8S_DEFAULT_GRACE_PERIOD_S = 120
 
-COMMANDS = ("info", "launch", "k8s")
+COMMANDS = ("train", "plan", "info", "launch", "k8s")
 USAGE = (
     "usage: tfpar <command> [flags] [-- program args...]\n"
     "commands:\n"
+    "  train [--strategy=data|tensor|pipeline ...] [--output_dir DIR] [--dataset NAME |\n"
+    "      --text_files GLOB] [--model SIZE] [--train_steps N] ...   (tfpar train --helpfull)\n"
+    "  plan --model SIZE --devices N [--devices_per_node G] [--device_memory GIB]\n"
+    "      [--global_batch_size B] [--format table|json] ...\n"
     "  info [--json] [strategy flags]   what this process would run on\n"
     "  launch --nproc N [--max_restarts R] -- python train.py [flags]\n"
     "  k8s render --name NAME --image IMAGE --workers N [--gpus_per_worker G] [--cpu C]\n"
@@ -145,12 +152,16 @@ def main(argv: list[str]) -> int:
 
 
 def _dispatch(command: str, rest: list[str]) -> int:
+    if command in ("train", "plan", "info") and rest:
+        sys.stderr.write(f"tfpar {command}: unexpected arguments {rest}\n{USAGE}")
+        return 2
     if command == "k8s":
         return k8s(rest)
+    if command == "train":
+        return train()
+    if command == "plan":
+        return plan()
     if command == "info":
-        if rest:
-            sys.stderr.write(f"tfpar info: unexpected arguments {rest}\n{USAGE}")
-            return 2
         report = info()
         if FLAGS.json:
             print(json.dumps(report, indent=2, sort_keys=True))
@@ -166,6 +177,24 @@ def _dispatch(command: str, rest: list[str]) -> int:
     except LaunchError as e:
         sys.stderr.write(f"tfpar launch: {e}\n")
         return 2
+
+
+def train() -> int:
+    """`tfpar train [flags]`: trains the reference GPT (tfpar.train)."""
+    from tfpar.data.text import TextDataError
+    from tfpar.layouts import LayoutError
+    from tfpar.mesh import MeshError
+    from tfpar.pipeline import PipelineConfigError, PipelineSplitError
+    from tfpar.train import TrainConfigError, config_from_flags, run
+
+    try:
+        strategy = tfpar_flags.from_flags()
+        run(config_from_flags(strategy), strategy)
+    except (TrainConfigError, TextDataError, FileNotFoundError, MeshError, LayoutError,
+            PipelineConfigError, PipelineSplitError) as e:
+        sys.stderr.write(f"tfpar train: {e}\n")
+        return 2
+    return 0
 
 
 def k8s(rest: list[str]) -> int:

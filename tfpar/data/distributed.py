@@ -195,17 +195,9 @@ def from_tfds(name: str, split: str, strategy, *, data_dir: str | None = None,
     so tfpar fails at once with the fix instead. Prepare the data once (or
     point `data_dir` at prepared data) and train offline.
     """
-    import tensorflow_datasets as tfds
+    from tfpar.data.corpus import prepare
 
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared() and not download:
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r} and "
-            "download=False. Prepare it once (tfds build, or download=True on a "
-            "machine with internet) and pass its data_dir."
-        )
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    builder = prepare(name, data_dir, download=download)
     shards = builder.info.splits[split].num_shards
     # FILE sharding needs one file per worker; TFDS's own ReadConfig cannot
     # fall back, so the decision is made here from the shard count.

@@ -1,5 +1,20 @@
-"""Reference models: the GPT that `tfpar train` trains and the strategies are tested on."""
+"""Reference models: the GPT that `tfpar train` trains and the strategies are tested on.
 
-from tfpar.models.gpt import SIZES, GPTConfig, PositionEmbedding, TransformerBlock, config, gpt, lm_loss
+`shapes` (GPTConfig, the presets, parameter and FLOP counts) is pure Python; `transformer`
+(`gpt()`, its layers, `lm_loss()`) builds the Keras model and loads
+TensorFlow on first use.
+"""
 
-__all__ = ["GPTConfig", "SIZES", "PositionEmbedding", "TransformerBlock", "config", "gpt", "lm_loss"]
+import importlib
+
+_LAZY = {"GPTConfig": "shapes", "SIZES": "shapes", "config": "shapes",
+         "PositionEmbedding": "transformer", "TransformerBlock": "transformer",
+         "gpt": "transformer", "lm_loss": "transformer"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tfpar.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tfpar.models' has no attribute {name!r}")

@@ -17,10 +17,21 @@ Example::
     model.fit(x, y, batch_size=32)
 """
 
-from tfpar.pipeline.runner import Pipeline, PipelineConfigError, Stage
-from tfpar.pipeline.schedules import GPipe, OneFOneB, Schedule
-from tfpar.pipeline.split import PipelineSplitError
-from tfpar.pipeline.timeline import FixedCost, Timeline
+import importlib
 
-__all__ = ["Pipeline", "PipelineConfigError", "PipelineSplitError", "Stage", "Schedule",
-           "GPipe", "OneFOneB", "Timeline", "FixedCost"]
+# Loaded on first use: `balance` and `schedules` are pure Python, and
+# `tfpar plan` uses them without starting TensorFlow.
+_LAZY = {"Pipeline": "runner", "PipelineConfigError": "runner", "Stage": "runner",
+         "GPipe": "schedules", "OneFOneB": "schedules", "Schedule": "schedules",
+         "PipelineSplitError": "split", "FixedCost": "timeline", "Timeline": "timeline"}
+_SUBMODULES = ("balance", "microbatch", "runner", "schedules", "split", "timeline")
+
+__all__ = sorted(_LAZY) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tfpar.pipeline.{_LAZY[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tfpar.pipeline.{name}")
+    raise AttributeError(f"module 'tfpar.pipeline' has no attribute {name!r}")

@@ -1,0 +1,193 @@
+"""Language-model input: documents -> tokens -> windows -> global batches.
+
+A *document* is one text (a file, one TFDS example). Documents are
+tokenized, packed end to end (GPT-style: no padding, a window may span two
+documents) and cut into windows of `seq_len + 1` tokens; each window gives
+the inputs `w[:-1]` and the next-token targets `w[1:]`. Batches are global
+batches from `tfpar.data.batch_for`, so they are sharded correctly for
+every strategy (DATA sharding: every worker reads the same, seeded order and
+keeps its slice of each batch).
+
+Sources, all through the same path::
+
+    docs = text.tfds_documents("python_stdlib", "train", data_dir)   # the default
+    docs = text.tfds_documents("tiny_shakespeare", "train", data_dir) # any TFDS text
+    docs = text.file_documents("/data/books/*.txt")                   # local files
+    windows = text.lm_windows(docs, text.ByteTokenizer(), seq_len=128)
+    train = text.lm_batches(windows, strategy, global_batch_size=64, train=True, seed=0)
+
+Tokenizers: byte-level by default (`ByteTokenizer`: 256 ids, nothing to
+download or train). Any object with `vocab_size`, a graph-mode
+`encode(tf.string scalar) -> int32 vector` and `decode(list[int]) -> str`
+can replace it (see `Tokenizer`); `tfpar train --tokenizer=module:attr`
+loads one.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import importlib
+from typing import Protocol, Sequence, runtime_checkable
+
+import tensorflow as tf
+
+from tfpar.data.distributed import batch_for
+
+# Documents are packed this many at a time; each group loses its last
+# partial window (at most seq_len tokens per group).
+PACK_DOCUMENTS = 64
+# Sources with no validation split hold out every VALIDATION_EVERY-th window.
+VALIDATION_EVERY = 20
+
+
+class TextDataError(ValueError):
+    """Text input that cannot work: a tokenizer, split or feature that is not there."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What `tfpar train` needs of a tokenizer.
+
+    Example (a real subword tokenizer, with tensorflow-text installed)::
+
+        import tensorflow_text as tft
+
+        class SentencePiece:
+            def __init__(self, model_path="/models/spm.model"):
+                self._spm = tft.SentencepieceTokenizer(tf.io.gfile.GFile(model_path, "rb").read())
+                self.vocab_size = int(self._spm.vocab_size())
+            def encode(self, text):               # tf.string scalar -> int32 vector
+                return tf.cast(self._spm.tokenize(text), tf.int32)
+            def decode(self, ids):                 # list of ints -> str
+                return self._spm.detokenize(ids).numpy().decode()
+
+        $ tfpar train --tokenizer=my_tokenizers:SentencePiece
+    """
+
+    vocab_size: int
+
+    def encode(self, text: tf.Tensor) -> tf.Tensor: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: 256 ids, lossless, nothing to download."""
+
+    name = "bytes"
+    vocab_size = 256
+
+    def encode(self, text: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """"bytes", or "package.module:name" naming a Tokenizer class, factory or instance."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise TextDataError(f"--tokenizer={spec!r}: use 'bytes' or 'package.module:name' (a "
+                         "class, factory or instance with vocab_size, encode and decode).")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise TextDataError(f"--tokenizer={spec!r}: cannot load it ({e}).") from e
+    tokenizer = found() if callable(found) and not isinstance(found, Tokenizer) else found
+    if not isinstance(tokenizer, Tokenizer):
+        raise TextDataError(f"--tokenizer={spec!r} gave {type(tokenizer).__name__}, which lacks "
+                         "vocab_size, encode or decode (see tfpar.data.text.Tokenizer).")
+    return tokenizer
+
+
+# ------------------------------------------------------------------ sources
+def tfds_documents(name: str, split: str, data_dir: str | None = None,
+                   text_key: str = "text", download: bool = False) -> tf.data.Dataset:
+    """The `text_key` feature of every example of a TFDS split (prepared offline)."""
+    from tfpar.data.corpus import prepare
+
+    builder = prepare(name, data_dir, download=download)
+    if split not in builder.info.splits:
+        raise TextDataError(f"TFDS dataset {name!r} has no split {split!r}; it has "
+                         f"{sorted(builder.info.splits)}.")
+    features = builder.info.features
+    if text_key not in features:
+        raise TextDataError(f"TFDS dataset {name!r} has no feature {text_key!r}; its features "
+                         f"are {sorted(features)}. Pass --text_key.")
+    return builder.as_dataset(split=split, shuffle_files=False).map(
+        lambda example: example[text_key], num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+
+
+def has_split(name: str, split: str, data_dir: str | None = None) -> bool:
+    from tfpar.data.corpus import prepare
+
+    return split in prepare(name, data_dir).info.splits
+
+
+def file_documents(files: str | Sequence[str]) -> tf.data.Dataset:
+    """Each file (a glob or a list) is one document, in sorted order."""
+    paths = sorted(globlib.glob(files)) if isinstance(files, str) else list(files)
+    if not paths:
+        raise FileNotFoundError(f"--text_files={files!r}: no file matches.")
+    return tf.data.Dataset.from_tensor_slices(paths).map(
+        tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+# ------------------------------------------------------------------ windows
+def lm_windows(documents: tf.data.Dataset, tokenizer: Tokenizer, seq_len: int,
+               shuffle_documents: bool = False, seed: int | None = None) -> tf.data.Dataset:
+    """(inputs, targets) pairs of `seq_len` tokens, packed across documents.
+
+    Worked example, seq_len=3, documents "abcd" and "efgh" (bytes):
+    tokens a b c d e f g h -> windows [a b c d], [e f g h] -> inputs
+    [a b c], targets [b c d]; inputs [e f g], targets [f g h].
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}: must be >= 1.")
+    if shuffle_documents:
+        documents = documents.shuffle(1024, seed=seed, reshuffle_each_iteration=False)
+    width = seq_len + 1
+
+    def cut(tokens):  # one group's tokens -> [n, seq_len + 1]
+        n = tf.shape(tokens)[0] // width
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(tokens[: n * width], [n, width]))
+
+    windows = (documents
+               .map(tokenizer.encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .ragged_batch(PACK_DOCUMENTS)
+               .map(lambda group: group.flat_values)
+               .flat_map(cut))
+    return windows.map(lambda w: (w[:-1], w[1:]))
+
+
+def hold_out(windows: tf.data.Dataset, validation: bool) -> tf.data.Dataset:
+    """Every VALIDATION_EVERY-th window (validation) or all the others (training),
+    for sources that have no validation split of their own."""
+    keep = (lambda i, _: i % VALIDATION_EVERY == 0) if validation else \
+        (lambda i, _: i % VALIDATION_EVERY != 0)
+    return windows.enumerate().filter(keep).map(lambda _, w: w)
+
+
+def lm_batches(windows: tf.data.Dataset, strategy, *, global_batch_size: int, train: bool,
+               seed: int = 0, shuffle_buffer: int = 10_000, eval_batches: int | None = None,
+               skip_batches: int = 0) -> tf.data.Dataset:
+    """Global batches of windows for `strategy`.
+
+    Training: an endless, seeded shuffle (every worker draws the same order),
+    starting `skip_batches` batches in, so a resumed run continues the data
+    where the checkpointed run left it. Evaluation: the first `eval_batches`
+    batches, in order, cached: the same examples at every evaluation.
+    """
+    if train:
+        windows = windows.repeat().shuffle(shuffle_buffer, seed=seed,
+                                           reshuffle_each_iteration=True)
+        batches = batch_for(windows, strategy, global_batch_size=global_batch_size)
+        return batches.skip(skip_batches) if skip_batches else batches
+    batches = batch_for(windows, strategy, global_batch_size=global_batch_size)
+    if eval_batches is not None:
+        batches = batches.take(eval_batches)
+    return batches.cache()
