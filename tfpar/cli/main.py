@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 
 from tfpar import flags as tfpar_flags  # noqa: F401  (defines the strategy flags)
+from tfpar.plan import flags as plan_flags  # noqa: F401  (defines the plan flags)
 from tfpar.train import flags as train_flags  # noqa: F401  (defines the train flags)
 from tfpar.cluster import ClusterConfigError, dtensor_env
 from tfpar.devices import DeviceConfigError, simulate_devices
@@ -54,7 +55,8 @@ flags.DEFINE_string("checkpoint_claim", None,
                     "(default NAME-checkpoints).")
 flags.DEFINE_string("checkpoint_size", None,
                     "k8s render: also create the checkpoint claim with this size ('100Gi').")
-flags.DEFINE_string("format", "indexed-job", "k8s render: indexed-job, jobset or tfjob.")
+flags.DEFINE_string("format", None, "k8s render: indexed-job (default), jobset or tfjob. "
+                    "plan: table (default) or json.")
 flags.DEFINE_string("output", None, "k8s render: write the YAML here instead of stdout.")
 K8S_DEFAULT_MAX_RESTARTS = 3
 K8S_DEFAULT_GRACE_PERIOD_S = 120
@@ -197,6 +199,34 @@ def train() -> int:
     return 0
 
 
+def plan() -> int:
+    """`tfpar plan [flags]`: recommends data, tensor and pipeline degrees (tfpar.plan)."""
+    from tfpar.plan import recommend
+    from tfpar.plan.render import dumps, schedule_png, table
+
+    fmt = FLAGS.format or "table"
+    if fmt not in ("table", "json"):
+        sys.stderr.write(f"tfpar plan: --format={fmt}: use table or json.\n")
+        return 2
+    try:
+        result = recommend(plan_flags.workload_from_flags(), plan_flags.hardware_from_flags(),
+                           runnable_only=FLAGS.runnable_only)
+    except ValueError as e:
+        sys.stderr.write(f"tfpar plan: {e}\n")
+        return 2
+    print(dumps(result) if fmt == "json" else table(result, top=FLAGS.top))
+    best = result.best
+    if best is None:
+        sys.stderr.write(f"tfpar plan: {result.reasons[0]}\n")
+        return 1
+    if FLAGS.timeline_png:
+        lay = best.layout
+        schedule_png(FLAGS.timeline_png, max(lay.pipeline, 2), best.microbatches,
+                     f"data={lay.data} tensor={lay.tensor} pipeline={lay.pipeline}: "
+                     f"{max(lay.pipeline, 2)} stages, {best.microbatches} micro-batches")
+    return 0
+
+
 def k8s(rest: list[str]) -> int:
     """`tfpar k8s render ... -- COMMAND`: writes the manifests."""
     from tfpar.k8s import JobSpec, K8sSpecError, render, to_yaml
@@ -221,7 +251,7 @@ def k8s(rest: list[str]) -> int:
             grace_period_s=(int(FLAGS.grace_period) if FLAGS["grace_period"].present
                             else K8S_DEFAULT_GRACE_PERIOD_S),
         )
-        text = to_yaml(render(spec, FLAGS.format))
+        text = to_yaml(render(spec, FLAGS.format or "indexed-job"))
     except K8sSpecError as e:
         sys.stderr.write(f"tfpar k8s render: {e}\n")
         return 2

@@ -117,7 +117,13 @@ class Schedule:
                 "bubble_fraction": 1.0 - sum(busy) / (num_stages * step)}
 
     def peak_stash(self, num_stages, num_microbatches) -> list[int]:
-        """Per stage: the most micro-batches whose forward ran and backward has not."""
+        """Per stage: the most micro-batches whose forward ran and backward has not.
+
+        Counted by walking each stage's order; schedules with a closed form
+        override it (`tfpar plan` asks for thousands of micro-batches)."""
+        return self.counted_peak_stash(num_stages, num_microbatches)
+
+    def counted_peak_stash(self, num_stages, num_microbatches) -> list[int]:
         peaks = []
         for order in self.orders(num_stages, num_microbatches):
             live = peak = 0
@@ -136,6 +142,9 @@ class GPipe(Schedule):
     def stage_order(self, stage, num_stages, num_microbatches):
         return ([Action(FORWARD, stage, m) for m in range(num_microbatches)]
                 + [Action(BACKWARD, stage, m) for m in range(num_microbatches)])
+
+    def peak_stash(self, num_stages, num_microbatches):
+        return [num_microbatches] * num_stages
 
 
 class OneFOneB(Schedule):
@@ -158,6 +167,10 @@ class OneFOneB(Schedule):
             forward, backward = forward + 1, backward + 1
         order += [Action(BACKWARD, stage, m) for m in range(backward, num_microbatches)]
         return order
+
+    def peak_stash(self, num_stages, num_microbatches):
+        # The warm-up forwards plus the one in flight of the steady state.
+        return [min(num_stages - s, num_microbatches) for s in range(num_stages)]
 
 
 SCHEDULES = {"gpipe": GPipe, "1f1b": OneFOneB}

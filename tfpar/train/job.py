@@ -193,6 +193,9 @@ def run(config: TrainConfig, strategy) -> dict:
     """
     started = time.time()
     chief = strategy.is_chief
+    # Before any dataset or variable: the data order and the initial weights
+    # depend on the seed alone (op seeds combine with the global one).
+    keras.utils.set_random_seed(config.seed)
     tokenizer = text.load_tokenizer(config.tokenizer)
     shape = config.gpt_config(tokenizer.vocab_size)
     k = config.grad_accum_steps
@@ -239,7 +242,6 @@ def run(config: TrainConfig, strategy) -> dict:
             f"{batch} windows of {shape.seq_len + 1} tokens; use a smaller "
             "--global_batch_size or --seq_len, or more text.")
 
-    keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = tfpar.models.gpt(shape)
         optimizer = keras.optimizers.AdamW(

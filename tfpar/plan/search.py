@@ -1,0 +1,181 @@
+"""Which parallel configuration fits, and which is fastest.
+
+`recommend(work, hardware)` tries every data x tensor x pipeline split of the
+devices with every power-of-two micro-batch, drops the ones that cannot
+work (a tensor degree that does not divide the heads, the MLP or the
+vocabulary; more stages than the model has cut points; a batch that does not
+split), prices the rest with `tfpar.plan.cost`, rejects those that do not fit
+in memory, and ranks the others by estimated step time (ties: fewer
+model-parallel devices, then larger micro-batches).
+
+Example::
+
+    work = Workload(tfpar.models.SIZES["gpt3-175b"], global_batch=1536, recompute=True)
+    plan = recommend(work, Hardware(devices=1024))        # 8-GPU A100-80GB nodes
+    plan.best.layout                                      # Layout(data=16, tensor=8, pipeline=8, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tfpar.plan import cost
+from tfpar.plan.cost import GIB, Hardware, Layout, Workload
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class PlanError(ValueError):
+    """Nothing can run: the message says what would have to change."""
+
+
+@dataclasses.dataclass
+class Candidate:
+    layout: Layout
+    microbatches: int
+    memory: dict
+    time: dict
+    fits: bool
+    tfpar_flags: str | None  # how tfpar runs it, if it can
+
+    def as_dict(self) -> dict:
+        return {"data": self.layout.data, "tensor": self.layout.tensor,
+                "pipeline": self.layout.pipeline, "micro_batch_size": self.layout.micro_batch,
+                "microbatches": self.microbatches, "fits": self.fits,
+                "memory_bytes": {k: v for k, v in self.memory.items() if k != "stage"},
+                "fullest_stage": self.memory["stage"], **self.time,
+                "tfpar_flags": self.tfpar_flags}
+
+
+@dataclasses.dataclass
+class Plan:
+    work: Workload
+    hardware: Hardware
+    candidates: list[Candidate]  # ranked: fitting ones first, fastest first
+    skipped: list[str]  # layouts that cannot work at all, and why
+    reasons: list[str]
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates and self.candidates[0].fits else None
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def tfpar_flags(layout: Layout, microbatches: int, hw: Hardware, schedule: str) -> str | None:
+    """The `tfpar train` strategy flags that run `layout`, or None if tfpar cannot."""
+    d, t, p = layout.data, layout.tensor, layout.pipeline
+    batch = f"--global_batch_size={layout.data * layout.micro_batch}"
+    accumulate = f" --grad_accum_steps={microbatches}" if microbatches > 1 else ""
+    if t > 1 and p > 1:
+        return None  # tensor x pipeline in one job: not in tfpar yet
+    if p > 1:
+        if d * p > hw.devices_per_node:
+            return None  # tfpar's pipeline runs its stages on one host
+        return (f"--strategy=pipeline --pipeline_stages={p} --pipeline_replicas={d} "
+                f"--microbatches={microbatches} --schedule={schedule} "
+                f"--global_batch_size={d * layout.micro_batch * microbatches}")
+    if t > 1:
+        return f"--strategy=tensor --mesh=batch:{d},model:{t} {batch}{accumulate}"
+    strategy = "data" if hw.devices <= hw.devices_per_node else "multi_worker"
+    return f"--strategy={strategy} {batch}{accumulate}"
+
+
+def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan:
+    """Every workable layout, priced and ranked; see the module docstring."""
+    model = work.model
+    f = model.hidden * model.mlp_ratio
+    max_stages = len(model.pipeline_cuts()) + 1
+    candidates, skipped = [], []
+    for t in _divisors(hw.devices):
+        if model.heads % t or f % t or model.vocab % t:
+            skipped.append(f"tensor={t}: does not divide the {model.heads} heads, the MLP "
+                           f"width {f} or the vocabulary {model.vocab}")
+            continue
+        for p in _divisors(hw.devices // t):
+            if p > max_stages:
+                skipped.append(f"pipeline={p}: the model has {max_stages - 1} places to cut")
+                continue
+            d = hw.devices // (t * p)
+            if work.global_batch % d:
+                skipped.append(f"data={d}: does not divide the global batch {work.global_batch}")
+                continue
+            for b in MICRO_BATCHES:
+                if work.global_batch % (d * b):
+                    continue
+                layout = Layout(d, t, p, b)
+                m = layout.microbatches(work.global_batch)
+                mem = cost.memory(work, layout)
+                flags = tfpar_flags(layout, m, hw, work.schedule)
+                if runnable_only and flags is None:
+                    continue
+                candidates.append(Candidate(layout, m, mem, cost.step(work, layout, hw),
+                                            mem["total"] <= hw.usable_bytes, flags))
+    candidates.sort(key=lambda c: (not c.fits, round(c.time["step_s"], 6),
+                                   c.layout.tensor * c.layout.pipeline, -c.layout.micro_batch))
+    plan = Plan(work, hw, candidates, skipped, [])
+    plan.reasons = _reasons(plan)
+    return plan
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _reasons(plan: Plan) -> list[str]:
+    best, hw, work = plan.best, plan.hardware, plan.work
+    if best is None:
+        if not plan.candidates:
+            return ["no layout divides this model, batch and device count"]
+        smallest = min(plan.candidates, key=lambda c: c.memory["total"])
+        lay = smallest.layout
+        return [f"nothing fits in {_gib(hw.usable_bytes)} usable per device "
+                f"({hw.memory_gib:g} GiB x {cost.USABLE_FRACTION}); the smallest need is "
+                f"{_gib(smallest.memory['total'])} (data={lay.data}, tensor={lay.tensor}, "
+                f"pipeline={lay.pipeline}, micro-batch {lay.micro_batch}): use more devices, "
+                "devices with more memory, a shorter context, or --recompute"]
+    lay, mem = best.layout, best.memory
+    reasons = []
+    state = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    if lay.tensor == 1 and lay.pipeline == 1:
+        reasons.append(f"the whole model's weights, gradients and AdamW state ({_gib(state)}) "
+                       f"and activations ({_gib(mem['activations'])}) fit on one device: pure "
+                       "data parallelism needs only one gradient all-reduce per step")
+    else:
+        if lay.tensor > 1:
+            where = ("within one node" if lay.tensor <= hw.devices_per_node
+                     else "across nodes")
+            reasons.append(f"tensor={lay.tensor} {where}: its 4 all-reduces per layer and "
+                           "micro-batch need the fastest links "
+                           f"({hw.intra_node_gbps:g} GB/s in a node vs {hw.inter_node_gbps:g} "
+                           "GB/s between nodes)")
+        if lay.pipeline > 1:
+            reasons.append(f"pipeline={lay.pipeline}: stages exchange only one activation per "
+                           f"micro-batch, so they can span nodes; {best.microbatches} "
+                           f"micro-batches keep the bubble at {best.time['bubble']:.1%} "
+                           f"((K-1)/(M+K-1), {work.schedule})")
+        smaller = [c for c in plan.candidates
+                   if c.layout.tensor * c.layout.pipeline < lay.tensor * lay.pipeline]
+        if smaller and not any(c.fits for c in smaller):
+            leanest = min(smaller, key=lambda c: c.memory["total"])
+            reasons.append(f"fewer model-parallel devices do not fit: the best needs "
+                           f"{_gib(leanest.memory['total'])} per device "
+                           f"(tensor={leanest.layout.tensor}, pipeline={leanest.layout.pipeline})"
+                           f" > {_gib(hw.usable_bytes)} usable")
+    reasons.append(f"data={lay.data}: the remaining devices, each replica on "
+                   f"{lay.micro_batch * best.microbatches} sequences per step "
+                   f"(micro-batch {lay.micro_batch} x {best.microbatches})")
+    reasons.append(f"fullest device: {_gib(mem['total'])} of {_gib(hw.usable_bytes)} usable "
+                   f"(weights+gradients+AdamW {_gib(state)}, activations "
+                   f"{_gib(mem['activations'])})")
+    if work.recompute:
+        reasons.append("assumes full activation recomputation (as Megatron-LM's published "
+                       "runs); tfpar's runtime keeps activations instead")
+    if best.tfpar_flags is None:
+        runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
+        reasons.append("tfpar cannot run this layout yet (tensor x pipeline, or a pipeline "
+                       "across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
+                                          if runnable else ""))
+    return reasons
