@@ -32,17 +32,16 @@ FLAGS = flags.FLAGS
 
 
 def stdlib_corpus(max_bytes):
-    """The standard library's .py files, concatenated in a fixed order."""
-    root = os.path.dirname(os.__file__)
+    """The standard library's source files (tfpar's embedded corpus), concatenated."""
+    from tfpar.data.corpus import stdlib_files
+
     chunks, total = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests"))
-        for name in sorted(filenames):
-            if name.endswith(".py") and total < max_bytes:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    data = f.read()
-                chunks.append(data)
-                total += len(data)
+    for _, path in stdlib_files():
+        if total >= max_bytes:
+            break
+        with open(path, "rb") as f:
+            chunks.append(f.read())
+        total += len(chunks[-1])
     return b"".join(chunks)[:max_bytes]
 
 

@@ -88,7 +88,8 @@ def max_abs_diff(a, b):
 
 
 GRID = [(k, m, s) for k in (2, 4) for m in (1, 4, 8) for s in ("gpipe", "1f1b")]
-GPT_GRID = [(2, 1, "1f1b"), (2, 8, "gpipe"), (4, 4, "1f1b"), (4, 8, "gpipe")]
+# K=2 with M=8 GPipe is in the MLP grid; on the GPT it cost 40 s of tracing for no new path.
+GPT_GRID = [(2, 1, "1f1b"), (4, 4, "1f1b"), (4, 8, "gpipe")]
 
 
 @pytest.mark.parametrize("stages, microbatches, schedule", GRID)
@@ -287,3 +288,12 @@ def test_the_flag_switch_is_the_only_change_a_training_script_needs(tmp_path):
     assert report["strategy"] == "pipeline"
     for key in weights["one"].files:
         np.testing.assert_allclose(weights["pipe"][key], weights["one"][key], atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_closed_form_peak_stash_equals_walking_the_schedule(schedule):
+    # tfpar plan asks for thousands of micro-batches: the closed form must agree.
+    s = schedules.get(schedule)
+    for k in range(1, 7):
+        for m in range(1, 13):
+            assert s.peak_stash(k, m) == s.counted_peak_stash(k, m), (k, m)
