@@ -96,8 +96,14 @@ def load_tokenizer(spec: str) -> Tokenizer:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
         raise TextDataError(f"--tokenizer={spec!r}: cannot load it ({e}).") from e
-    tokenizer = found() if isinstance(found, type) or not isinstance(found, Tokenizer) \
-        and callable(found) else found
+    tokenizer = found
+    if isinstance(found, type) or (callable(found) and not isinstance(found, Tokenizer)):
+        try:
+            tokenizer = found()  # a class or a factory
+        except TypeError as e:
+            raise TextDataError(f"--tokenizer={spec!r}: calling it with no arguments failed "
+                                f"({e}); name a class or factory that takes none, or an "
+                                "instance.") from e
     if not isinstance(tokenizer, Tokenizer):
         raise TextDataError(f"--tokenizer={spec!r} gave {type(tokenizer).__name__}, which lacks "
                          "vocab_size, encode or decode (see tfpar.data.text.Tokenizer).")
