@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import tfpar
-from conftest import run, tfpar_cli
+from conftest import tfpar_cli
 from tfpar.data import corpus
 from tfpar.train import TrainConfig, TrainConfigError
 

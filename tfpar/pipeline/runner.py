@@ -229,21 +229,12 @@ class Pipeline:
                 return microbatch.merge(outputs)
             return predict
 
-        def function(iterator):
-            outputs = None
-            for _ in range(model.steps_per_execution):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    break
-                if self.timeline is not None and kind == "train":
-                    self.timeline.next_step()
-                outputs = compiled(data, self._microbatches_for(data, kind))
-            if outputs is None:
-                raise StopIteration
-            return outputs
+        def run_batch(data):
+            if self.timeline is not None and kind == "train":
+                self.timeline.next_step()
+            return compiled(data, self._microbatches_for(data, kind))
 
-        return function
+        return registry.host_loop(model, run_batch)
 
     def _microbatches_for(self, data, kind) -> int:
         rows = microbatch.rows_of(data)

@@ -54,3 +54,30 @@ def strategy_of(model):
         if strategy is not None:
             return strategy
     return None
+
+
+def host_loop(model, run_batch, finish=None):
+    """Keras's train or test function for a strategy that runs one compiled call per batch.
+
+    Keras's own function loops over `steps_per_execution` batches inside one
+    graph, pulling them from the iterator in the graph; a DTensor program
+    (its inputs must be packed onto the mesh first) and the pipeline runner
+    (its micro-batch count follows each batch's rows) cannot, so the loop runs
+    on the host: `run_batch(batch)` per batch, `finish` on the last outputs.
+    Returns Keras's logs, or raises StopIteration when the data ran out.
+    """
+    import tensorflow as tf
+
+    def function(iterator):
+        outputs = None
+        for _ in range(model.steps_per_execution):
+            try:
+                data = next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
+            outputs = run_batch(data)
+        if outputs is None:
+            raise StopIteration
+        return outputs if finish is None else finish(outputs)
+
+    return function

@@ -263,20 +263,12 @@ class TensorParallel:
             use_dense_gradients(model.optimizer)
         compiled = tf.function(step_function, reduce_retracing=True)
 
-        def function(iterator):
-            outputs = None
-            for _ in range(model.steps_per_execution):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    break
-                with self.scope():
-                    outputs = compiled(self.pack_batch(data))
-            if outputs is None:
-                raise StopIteration
-            return tf.nest.map_structure(self.to_host, outputs)
+        def run_batch(data):
+            with self.scope():
+                return compiled(self.pack_batch(data))
 
-        return function
+        return registry.host_loop(model, run_batch,
+                                  lambda outputs: tf.nest.map_structure(self.to_host, outputs))
 
     def _make_predict_function(self, model):
         _warn_if_jit(model)

@@ -208,22 +208,8 @@ def run(config: TrainConfig, strategy) -> dict:
 
     checkpoint = tfpar.callbacks.PreemptionCheckpoint(
         os.path.join(config.output_dir, "checkpoint"), delete_checkpoint=False)
-    state = read_json(state_path)
-    position = checkpoint.position()
-    if position is not None and state is not None:
-        changed = [key for key in _RESUME_KEYS if state["settings"].get(key) != settings[key]]
-        if changed:
-            was = ", ".join(f"{key}={state['settings'].get(key)}" for key in changed)
-            raise TrainConfigError(
-                f"{config.output_dir} holds a checkpoint trained with other settings ({was}); "
-                "resume with the same settings, or give a new --output_dir.")
-    epoch, in_epoch = position or (0, 0)
-    if in_epoch >= steps_per_epoch:
-        epoch, in_epoch = epoch + 1, 0
-    start_step = (epoch * steps_per_epoch + in_epoch) // k
-    if state is None or position is None:
-        state = {"settings": settings, "initial_val_loss": None, "train_losses": [],
-                 "val_losses": [], "tokens": 0.0, "seconds": 0.0}
+    state, epoch, start_step = _resume_point(config, checkpoint, settings, state_path,
+                                             steps_per_epoch)
 
     train_windows, val_windows, source = text_windows(config, tokenizer, shape.seq_len)
     # The checkpoint's epoch is skipped here; its batches inside the epoch are
@@ -242,21 +228,7 @@ def run(config: TrainConfig, strategy) -> dict:
             f"{batch} windows of {shape.seq_len + 1} tokens; use a smaller "
             "--global_batch_size or --seq_len, or more text.")
 
-    with strategy.scope():
-        model = tfpar.models.gpt(shape)
-        optimizer = keras.optimizers.AdamW(
-            WarmupCosine(config.learning_rate, config.warmup_steps,
-                         config.lr_decay_steps or config.train_steps, config.min_lr_ratio,
-                         accumulation=k),
-            weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.95, epsilon=1e-8,
-            global_clipnorm=config.clip_norm or None,
-            gradient_accumulation_steps=k if k > 1 else None)
-        # Decay matrices and embeddings, not biases and LayerNorm scales (GPT-2/3).
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-        model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
-    # Exact Adam on embeddings, and the same update under every strategy
-    # (see tfpar.strategies.tensor_parallel.use_dense_gradients).
-    tfpar.strategies.tensor_parallel.use_dense_gradients(optimizer)
+    model = _compiled_gpt(config, shape, strategy)
 
     peak, peak_source = job_peak_flops(strategy, config.peak_tflops)
     flops_per_token = shape.training_flops_per_token()
@@ -323,6 +295,53 @@ def run(config: TrainConfig, strategy) -> dict:
     if chief:
         _write_outputs(config, shape, tokenizer, weights, state, summary)
     return summary
+
+
+def _resume_point(config, checkpoint, settings, state_path, steps_per_epoch):
+    """(the run's state, the epoch to resume in, the optimizer step it starts from).
+
+    A fresh run starts at 0 with an empty state. A checkpoint written with
+    other settings is refused: its weights and data position would not mean
+    what this run's flags say.
+    """
+    state = read_json(state_path)
+    position = checkpoint.position()
+    if position is not None and state is not None:
+        changed = [key for key in _RESUME_KEYS if state["settings"].get(key) != settings[key]]
+        if changed:
+            was = ", ".join(f"{key}={state['settings'].get(key)}" for key in changed)
+            raise TrainConfigError(
+                f"{config.output_dir} holds a checkpoint trained with other settings ({was}); "
+                "resume with the same settings, or give a new --output_dir.")
+    epoch, in_epoch = position or (0, 0)
+    if in_epoch >= steps_per_epoch:  # saved after the epoch's last batch
+        epoch, in_epoch = epoch + 1, 0
+    if state is None or position is None:
+        state = {"settings": settings, "initial_val_loss": None, "train_losses": [],
+                 "val_losses": [], "tokens": 0.0, "seconds": 0.0}
+    return state, epoch, (epoch * steps_per_epoch + in_epoch) // config.grad_accum_steps
+
+
+def _compiled_gpt(config, shape, strategy):
+    """The GPT, compiled with AdamW in the strategy's scope (the schedule counts
+    optimizer steps; clipping and accumulation follow the all-reduce)."""
+    k = config.grad_accum_steps
+    with strategy.scope():
+        model = tfpar.models.gpt(shape)
+        optimizer = keras.optimizers.AdamW(
+            WarmupCosine(config.learning_rate, config.warmup_steps,
+                         config.lr_decay_steps or config.train_steps, config.min_lr_ratio,
+                         accumulation=k),
+            weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.95, epsilon=1e-8,
+            global_clipnorm=config.clip_norm or None,
+            gradient_accumulation_steps=k if k > 1 else None)
+        # Decay matrices and embeddings, not biases and LayerNorm scales (GPT-2/3).
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
+    # Exact Adam on embeddings, and the same update under every strategy
+    # (see tfpar.strategies.tensor_parallel.use_dense_gradients).
+    tfpar.strategies.tensor_parallel.use_dense_gradients(optimizer)
+    return model
 
 
 def _write_outputs(config, shape, tokenizer, weights, state, summary) -> None:
