@@ -7,8 +7,8 @@ each (stage, micro-batch, forward/backward) action is recorded, so the
 bubble can be compared with (K-1)/(M+K-1), and saved as a Chrome trace::
 
     python examples/pipeline_gpt.py --num_simulated_devices=2 --pipeline_stages=2 --microbatches=4
-    python examples/pipeline_gpt.py --num_simulated_devices=4 --pipeline_stages=4 --microbatches=8 \\
-        --schedule=gpipe --trace=/tmp/pipeline.json     # open in Perfetto
+    python examples/pipeline_gpt.py --num_simulated_devices=4 --pipeline_stages=4 \\
+        --microbatches=8 --schedule=gpipe --trace=/tmp/pipeline.json   # open in Perfetto
 
 Simulated devices share the host's cores: this shows the schedule and the
 exact gradients, not a speed-up.

@@ -8,6 +8,7 @@ from absl.testing import flagsaver
 
 import tfpar
 from tfpar import flags as tfpar_flags
+from tfpar.train import flags as train_flags  # noqa: F401  (defines the train flags)
 from tfpar.cluster import ClusterConfigError
 
 FLAGS = flags.FLAGS
@@ -38,6 +39,9 @@ def parse(*argv):
     (["--strategy=pipeline", "--pipeline_stages=4", "--num_simulated_devices=2"],
      "--num_simulated_devices=2 is fewer than the 4 devices"),
     (["--strategy=pipeline", "--schedule=zigzag"], "value should be one of"),
+    (["--train_steps=50", "--eval_every=20"], "not a multiple of --eval_every=20"),
+    (["--grad_accum_steps=0"], "--grad_accum_steps=0: must be >= 1"),
+    (["--model=gpt5"], "--model=gpt5: use one of"),
     (["--global_batch_size=64", "--per_replica_batch_size=16"], "were both given; give one"),
     (["--global_batch_size=0"], "--global_batch_size=0: must be > 0"),
     (["--num_simulated_devices=-1"], "--num_simulated_devices=-1: must be >= 0"),

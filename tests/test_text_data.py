@@ -76,3 +76,9 @@ def test_missing_split_or_feature_names_what_the_dataset_has(tmp_path):
         text.tfds_documents(corpus.DEFAULT_DATASET, "test", str(tmp_path))
     with pytest.raises(text.TextDataError, match="has no feature 'content'"):
         text.tfds_documents(corpus.DEFAULT_DATASET, "train", str(tmp_path), text_key="content")
+
+
+def test_the_train_default_is_the_embedded_corpus():
+    from tfpar.train import TrainConfig
+
+    assert TrainConfig().dataset == corpus.DEFAULT_DATASET

@@ -122,7 +122,8 @@ def prepare(name: str, data_dir: str | None = None, download: bool = False):
         if name not in LOCAL_BUILDERS and not download:
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared in {data_dir!r} and download=False. "
-                f"Prepare it once on a machine with internet (`tfds build {name} --data_dir=...`, or pass "
+                "Prepare it once on a machine with internet "
+                f"(`tfds build {name} --data_dir=...`, or pass "
                 "--download) and point --data_dir at it; or train on local files with "
                 "--text_files=GLOB, or on the embedded corpus (no --dataset).")
         builder.download_and_prepare()

@@ -136,7 +136,8 @@ def split_parameters(model: GPTConfig) -> list[tuple[str, int, int]]:
     layer, in `GPTConfig.layer_parameters()` order, as the megatron preset lays
     them out (tfpar.layouts)."""
     h, f, v = model.hidden, model.hidden * model.mlp_ratio, model.vocab
-    block_split = 3 * (h * h + h) + h * h + (h * f + f) + f * h  # q,k,v; out kernel; up; down kernel
+    # q, k, v (kernels and biases); the output kernel; the MLP's up; its down kernel.
+    block_split = 3 * (h * h + h) + h * h + (h * f + f) + f * h
     block_whole = h + h + 4 * h  # out bias, down bias, two LayerNorms
     rows = {"token_embedding": (v * h, 0), "position_embedding": (0, model.seq_len * h),
             "add": (0, 0), "ln_f": (0, 2 * h), "lm_head": (h * v + v, 0)}

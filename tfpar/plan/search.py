@@ -12,7 +12,7 @@ Example::
 
     work = Workload(tfpar.models.SIZES["gpt3-175b"], global_batch=1536, recompute=True)
     plan = recommend(work, Hardware(devices=1024))        # 8-GPU A100-80GB nodes
-    plan.best.layout                                      # Layout(data=16, tensor=8, pipeline=8, ...)
+    plan.best.layout          # Layout(data=16, tensor=8, pipeline=8, micro_batch=1)
 """
 
 from __future__ import annotations

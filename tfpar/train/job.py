@@ -40,8 +40,8 @@ import keras
 import tensorflow as tf
 
 import tfpar
-from tfpar.data import corpus, text
-from tfpar.models import GPTConfig, config as gpt_shape
+from tfpar.data import text
+from tfpar.train.config import TrainConfig, TrainConfigError
 from tfpar.train.progress import Throughput
 from tfpar.train.report import plot_loss, read_json, write_json
 from tfpar.train.sample import generate
@@ -49,82 +49,8 @@ from tfpar.train.schedule import WarmupCosine
 
 log = logging.getLogger("tfpar")
 
-# Vocabularies are padded to a multiple of this (Megatron's practice): a
-# vocabulary-split embedding needs a size the model axis divides.
-VOCAB_MULTIPLE = 128
 # Settings a checkpoint is only valid with: a resumed run must keep them.
 _RESUME_KEYS = ("model_config", "global_batch_size", "grad_accum_steps", "eval_every", "seed")
-
-
-class TrainConfigError(ValueError):
-    """A training setting that cannot work; the message says which and how to fix it."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything `tfpar train` needs besides the strategy (see `tfpar train --help`)."""
-
-    model: str = "tiny"
-    layers: int | None = None
-    hidden: int | None = None
-    heads: int | None = None
-    seq_len: int | None = None
-    dropout: float = 0.0
-    dataset: str = corpus.DEFAULT_DATASET
-    data_dir: str | None = None
-    text_key: str = "text"
-    text_files: str | None = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-    download: bool = False
-    tokenizer: str = "bytes"
-    global_batch_size: int = 32
-    train_steps: int = 600
-    eval_every: int = 100
-    eval_batches: int = 8
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    lr_decay_steps: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    grad_accum_steps: int = 1
-    seed: int = 0
-    output_dir: str = "runs/gpt"
-    sample_tokens: int = 300
-    sample_prompt: str = "def "
-    temperature: float = 0.8
-    top_k: int = 40
-    peak_tflops: float | None = None
-
-    def __post_init__(self):
-        def need(condition, message):
-            if not condition:
-                raise TrainConfigError(message)
-
-        for name in ("train_steps", "eval_every", "eval_batches", "global_batch_size",
-                     "grad_accum_steps"):
-            need(getattr(self, name) >= 1, f"--{name}={getattr(self, name)}: must be >= 1.")
-        need(self.train_steps % self.eval_every == 0,
-             f"--train_steps={self.train_steps} is not a multiple of --eval_every="
-             f"{self.eval_every} (the run evaluates and checkpoints every --eval_every steps); "
-             f"use e.g. --train_steps={self.train_steps - self.train_steps % self.eval_every or self.eval_every}.")
-        decay = self.lr_decay_steps or self.train_steps
-        need(0 <= self.warmup_steps <= decay,
-             f"--warmup_steps={self.warmup_steps}: must be between 0 and the decay steps "
-             f"({decay}).")
-        need(self.learning_rate > 0, f"--learning_rate={self.learning_rate}: must be > 0.")
-        need(0 <= self.min_lr_ratio <= 1, f"--min_lr_ratio={self.min_lr_ratio}: must be in [0, 1].")
-        need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0: no clipping).")
-        need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1).")
-
-    def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model's shape: the size preset, overridden by the shape flags."""
-        base = gpt_shape(self.model)
-        overrides = {k: getattr(self, k) for k in ("layers", "hidden", "heads", "seq_len")
-                     if getattr(self, k) is not None}
-        vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        return dataclasses.replace(base, vocab=vocab, dropout=self.dropout, **overrides)
 
 
 # ---------------------------------------------------------------------- data
@@ -177,7 +103,8 @@ def job_peak_flops(strategy, peak_tflops: float | None) -> tuple[float, str]:
     """
     dtype = keras.config.dtype_policy().compute_dtype
     if peak_tflops:
-        return peak_tflops * 1e12 * device_count(strategy), f"--peak_tflops={peak_tflops} per device"
+        return (peak_tflops * 1e12 * device_count(strategy),
+                f"--peak_tflops={peak_tflops} per device")
     per, source = tfpar.devices.peak_flops(dtype)
     if tf.config.list_physical_devices("GPU"):
         return per * device_count(strategy), source

@@ -37,7 +37,8 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError(f"min_ratio={min_ratio}: must be in [0, 1].")
         if accumulation < 1:
             raise ValueError(f"accumulation={accumulation}: must be >= 1.")
-        self.peak, self.warmup_steps, self.decay_steps = float(peak), int(warmup_steps), int(decay_steps)
+        self.peak, self.warmup_steps = float(peak), int(warmup_steps)
+        self.decay_steps = int(decay_steps)
         self.min_ratio, self.accumulation = float(min_ratio), int(accumulation)
 
     def __call__(self, iteration):

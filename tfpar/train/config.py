@@ -1,0 +1,87 @@
+"""What a `tfpar train` run is told: `TrainConfig`, checked when it is made.
+
+Pure Python (no TensorFlow), so the absl flags are checked against the same
+rules when they are parsed, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tfpar.models.shapes import GPTConfig, config as gpt_shape
+
+# Vocabularies are padded to a multiple of this (Megatron's practice): a
+# vocabulary-split embedding needs a size the model axis divides.
+VOCAB_MULTIPLE = 128
+
+
+class TrainConfigError(ValueError):
+    """A training setting that cannot work; the message says which and how to fix it."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `tfpar train` needs besides the strategy (see `tfpar train --help`)."""
+
+    model: str = "tiny"
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    seq_len: int | None = None
+    dropout: float = 0.0
+    dataset: str = "python_stdlib"  # tfpar.data.corpus.DEFAULT_DATASET
+    data_dir: str | None = None
+    text_key: str = "text"
+    text_files: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    download: bool = False
+    tokenizer: str = "bytes"
+    global_batch_size: int = 32
+    train_steps: int = 600
+    eval_every: int = 100
+    eval_batches: int = 8
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    lr_decay_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    grad_accum_steps: int = 1
+    seed: int = 0
+    output_dir: str = "runs/gpt"
+    sample_tokens: int = 300
+    sample_prompt: str = "def "
+    temperature: float = 0.8
+    top_k: int = 40
+    peak_tflops: float | None = None
+
+    def __post_init__(self):
+        def need(condition, message):
+            if not condition:
+                raise TrainConfigError(message)
+
+        for name in ("train_steps", "eval_every", "eval_batches", "global_batch_size",
+                     "grad_accum_steps"):
+            need(getattr(self, name) >= 1, f"--{name}={getattr(self, name)}: must be >= 1.")
+        fitting = self.train_steps - self.train_steps % self.eval_every or self.eval_every
+        need(self.train_steps % self.eval_every == 0,
+             f"--train_steps={self.train_steps} is not a multiple of --eval_every="
+             f"{self.eval_every} (the run evaluates and checkpoints every --eval_every steps); "
+             f"use e.g. --train_steps={fitting}.")
+        decay = self.lr_decay_steps or self.train_steps
+        need(0 <= self.warmup_steps <= decay,
+             f"--warmup_steps={self.warmup_steps}: must be between 0 and the decay steps "
+             f"({decay}).")
+        need(self.learning_rate > 0, f"--learning_rate={self.learning_rate}: must be > 0.")
+        need(0 <= self.min_lr_ratio <= 1, f"--min_lr_ratio={self.min_lr_ratio}: must be in [0, 1].")
+        need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0: no clipping).")
+        need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1).")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The model's shape: the size preset, overridden by the shape flags."""
+        base = gpt_shape(self.model)
+        overrides = {k: getattr(self, k) for k in ("layers", "hidden", "heads", "seq_len")
+                     if getattr(self, k) is not None}
+        vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return dataclasses.replace(base, vocab=vocab, dropout=self.dropout, **overrides)
