@@ -1,7 +1,9 @@
 """The main job: `tfpar train` trains the reference GPT on real text.
 
-- `job`: `TrainConfig` and `run(config, strategy)`: data, model, optimizer,
-  checkpoint and resume, evaluation, outputs;
+- `config`: `TrainConfig`, every setting of a run, checked when made (no
+  TensorFlow, so the flags are checked against it when parsed);
+- `job`: `run(config, strategy)`: data, model, optimizer, checkpoint and
+  resume, evaluation, outputs;
 - `schedule`: the warm-up + cosine learning rate (`WarmupCosine`);
 - `progress`: tokens/s, MFU and the per-step loss (`Throughput`);
 - `sample`: text generation from the trained model;
@@ -18,7 +20,7 @@ Example (what `tfpar train --strategy=data --num_simulated_devices=4` does)::
 
 import importlib
 
-_LAZY = {"TrainConfig": "job", "TrainConfigError": "job", "run": "job",
+_LAZY = {"TrainConfig": "config", "TrainConfigError": "config", "run": "job",
          "WarmupCosine": "schedule", "Throughput": "progress", "generate": "sample",
          "config_from_flags": "flags"}
 
