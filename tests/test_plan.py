@@ -16,8 +16,10 @@ SHAPE = GPTConfig(layers=4, hidden=64, heads=4, vocab=256, seq_len=64)
 
 def test_the_analytic_layers_and_cuts_are_the_built_models():
     model = tfpar.models.gpt(SHAPE)
-    ops = split.operations(model)
-    assert [(op.name, split._parameters(op)) for op in ops] == SHAPE.layer_parameters()
+    # Keras numbers the embeddings' add op per process (add, add_3, ...).
+    ops = [("add" if op.name.startswith("add") else op.name, split._parameters(op))
+           for op in split.operations(model)]
+    assert ops == SHAPE.layer_parameters()
     assert split.valid_cuts(model) == SHAPE.pipeline_cuts()
     assert sum(n for _, n in SHAPE.layer_parameters()) == model.count_params()
 
