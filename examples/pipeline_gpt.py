@@ -41,13 +41,10 @@ def main(argv):
     strategy = tfpar.Pipeline(stages=FLAGS.pipeline_stages, microbatches=m,
                               schedule=FLAGS.schedule, record_timeline=True)
     shape = tfpar.models.GPTConfig(layers=4, hidden=64, heads=4, vocab=256, seq_len=32)
-    tokenizer = text.ByteTokenizer()
-
     def batches(split, train):
-        docs = text.tfds_documents(corpus.DEFAULT_DATASET, split, FLAGS.data_dir)
-        windows = text.lm_windows(docs, tokenizer, shape.seq_len, shuffle_documents=train)
-        return text.lm_batches(windows, strategy, global_batch_size=16, train=train,
-                               eval_batches=None if train else 4)
+        return text.tfds_lm_batches(corpus.DEFAULT_DATASET, split, strategy, seq_len=shape.seq_len,
+                                    global_batch_size=16, train=train, data_dir=FLAGS.data_dir,
+                                    eval_batches=None if train else 4)
 
     train, val = batches("train", True), batches("validation", False)
     with strategy.scope():

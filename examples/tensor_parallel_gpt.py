@@ -34,13 +34,10 @@ def main(argv):
     strategy = tfpar.from_flags()
     batch = tfpar_flags.global_batch_size(strategy, default=16)
     shape = tfpar.models.GPTConfig(layers=2, hidden=64, heads=4, vocab=256, seq_len=32)
-    tokenizer = text.ByteTokenizer()
-
     def batches(split, train):
-        docs = text.tfds_documents(corpus.DEFAULT_DATASET, split, FLAGS.data_dir)
-        windows = text.lm_windows(docs, tokenizer, shape.seq_len, shuffle_documents=train)
-        return text.lm_batches(windows, strategy, global_batch_size=batch, train=train,
-                               eval_batches=None if train else 4)
+        return text.tfds_lm_batches(corpus.DEFAULT_DATASET, split, strategy, seq_len=shape.seq_len,
+                                    global_batch_size=batch, train=train, data_dir=FLAGS.data_dir,
+                                    eval_batches=None if train else 4)
 
     train, val = batches("train", True), batches("validation", False)
     with strategy.scope():

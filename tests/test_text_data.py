@@ -82,3 +82,13 @@ def test_the_train_default_is_the_embedded_corpus():
     from tfpar.train import TrainConfig
 
     assert TrainConfig().dataset == corpus.DEFAULT_DATASET
+
+
+def test_one_call_gives_global_batches_of_a_tfds_split(tmp_path):
+    corpus.prepare(corpus.DEFAULT_DATASET, str(tmp_path))
+    val = text.tfds_lm_batches(corpus.DEFAULT_DATASET, "validation", tfpar.OneDevice(),
+                               seq_len=16, global_batch_size=4, train=False,
+                               data_dir=str(tmp_path), eval_batches=3)
+    batches = [(x.numpy(), y.numpy()) for x, y in val]
+    assert len(batches) == 3 and batches[0][0].shape == (4, 16)
+    np.testing.assert_array_equal(batches[0][0][:, 1:], batches[0][1][:, :-1])  # next tokens

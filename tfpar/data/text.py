@@ -198,3 +198,23 @@ def lm_batches(windows: tf.data.Dataset, strategy, *, global_batch_size: int, tr
     if eval_batches is not None:
         batches = batches.take(eval_batches)
     return batches.cache()
+
+
+def tfds_lm_batches(name: str, split: str, strategy, *, seq_len: int, global_batch_size: int,
+                    train: bool, tokenizer: Tokenizer | None = None,
+                    data_dir: str | None = None, eval_batches: int | None = None,
+                    seed: int = 0) -> tf.data.Dataset:
+    """Global batches of (inputs, targets) windows from a TFDS text split, in one call.
+
+    Training batches come from documents shuffled once by `seed` (see
+    `lm_batches` for the rest). Example::
+
+        train = tfds_lm_batches("python_stdlib", "train", strategy, seq_len=128,
+                                global_batch_size=64, train=True)
+        val = tfds_lm_batches("python_stdlib", "validation", strategy, seq_len=128,
+                              global_batch_size=64, train=False, eval_batches=8)
+    """
+    windows = lm_windows(tfds_documents(name, split, data_dir), tokenizer or ByteTokenizer(),
+                         seq_len, shuffle_documents=train, seed=seed)
+    return lm_batches(windows, strategy, global_batch_size=global_batch_size, train=train,
+                      seed=seed, eval_batches=eval_batches)
