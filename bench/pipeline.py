@@ -3,7 +3,7 @@
     python bench/pipeline.py            # K = 2, 4 x M = 4, 8, 16, both schedules; GPT
     python bench/pipeline.py --quick    # fewer steps
 
-Part 1 uses stages of fixed cost (`tfpar.pipeline.FixedCost`: a forward of
+Part 1 uses stages of fixed cost (`tfpar.strategies.pipeline.FixedCost`: a forward of
 F seconds, a backward of 2F) so the measured step can be compared with the
 ideal schedule (`Schedule.simulate`) and the bubble with (K-1)/(M+K-1).
 Part 2 trains the reference GPT on one device and pipelined over simulated
@@ -25,7 +25,7 @@ tfpar.simulate_devices(4)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfpar.pipeline import FixedCost  # noqa: E402
+from tfpar.strategies.pipeline import FixedCost  # noqa: E402
 
 
 def schedules_table(forward, steps):

@@ -76,7 +76,7 @@ def main():
 
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "tensorflow": tf.__version__, "keras": keras.__version__},
-               # The widest mesh first: see tfpar.mesh (TF 2.21 hangs otherwise).
+               # The widest mesh first: see tfpar.strategies.tensor.mesh (TF 2.21 hangs otherwise).
                "memory": [memory(args.memory_size, n) for n in (4, 2)]}
     times = {"one_device": [], "batch:1,model:2": [], "batch:2,model:2": []}
     for _ in range(args.rounds):

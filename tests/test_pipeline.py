@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import tfpar
-from tfpar.pipeline import FixedCost, PipelineConfigError, PipelineSplitError, schedules
-from tfpar.strategies.tensor_parallel import use_dense_gradients
+from tfpar.strategies.pipeline import FixedCost, PipelineConfigError, PipelineSplitError, schedules
+from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 
 
 def mlp():

@@ -8,7 +8,7 @@ import pytest
 import tfpar
 from conftest import tfpar_cli
 from tfpar.models import SIZES, GPTConfig
-from tfpar.pipeline import split
+from tfpar.strategies.pipeline import split
 from tfpar.plan import Hardware, Workload, recommend, variable_bytes
 
 SHAPE = GPTConfig(layers=4, hidden=64, heads=4, vocab=256, seq_len=64)

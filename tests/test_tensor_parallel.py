@@ -10,9 +10,9 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 import tfpar
-from tfpar.layouts import LayoutError
-from tfpar.mesh import MeshError
-from tfpar.strategies.tensor_parallel import use_dense_gradients
+from tfpar.strategies.tensor.layouts import LayoutError
+from tfpar.strategies.tensor.mesh import MeshError
+from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 
 MESHES = ["batch:1,model:4", "batch:2,model:2", "batch:4,model:1"]
 
@@ -351,7 +351,7 @@ def test_a_mesh_wider_than_the_first_is_refused_instead_of_hanging():
     script = ("import tfpar; tfpar.simulate_devices(4)\n"
               "tfpar.TensorParallel('batch:1,model:2')\n"
               "try:\n    tfpar.TensorParallel('batch:2,model:2')\n"
-              "except tfpar.mesh.MeshError as e:\n    print('refused:', e)\n")
+              "except tfpar.strategies.tensor.mesh.MeshError as e:\n    print('refused:', e)\n")
     result = run([sys.executable, "-c", script], timeout=120, check=True)
     assert "refused:" in result.stdout and "more than the 2 of this process's first mesh" \
         in result.stdout

@@ -29,13 +29,14 @@ _LAZY = {
     "DataParallel": "tfpar.strategies",
     "MultiWorker": "tfpar.strategies",
     "TensorParallel": "tfpar.strategies",
-    "Pipeline": "tfpar.pipeline",
+    "Pipeline": "tfpar.strategies",
+    "ParallelDims": "tfpar.parallel_dims",
     "from_flags": "tfpar.flags",
     "set_precision": "tfpar.precision",
 }
 
 _SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "exit_codes", "flags",
-               "k8s", "launch", "layouts", "mesh", "models", "pipeline", "plan", "precision",
+               "k8s", "launch", "models", "parallel_dims", "plan", "precision",
                "strategies", "train")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]

@@ -22,7 +22,8 @@ import threading
 import keras
 import tensorflow as tf
 
-from tfpar import compat, exit_codes
+from tfpar import exit_codes
+from tfpar.strategies.base import should_write, strategy_for
 
 log = logging.getLogger("tfpar")
 
@@ -145,7 +146,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self, step_in_epoch: int = 0):
         """Commits a backup of the state after `step_in_epoch` batches of the current epoch."""
-        if not compat.should_write(self.model.distribute_strategy):
+        if not should_write(self.model):
             return
         tf.io.gfile.makedirs(self.backup_dir)
         previous = self._read_metadata() or {}
@@ -164,7 +165,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 tf.io.gfile.remove(stale_path)
 
     def on_train_end(self, logs=None):
-        if not compat.should_write(self.model.distribute_strategy):
+        if not should_write(self.model):
             return
         if self.delete_checkpoint and tf.io.gfile.exists(self.backup_dir):
             tf.io.gfile.rmtree(self.backup_dir)
@@ -234,8 +235,7 @@ class PreemptionCheckpoint(BackupAndRestore):
         self._signalled.set()
 
     def _multi_worker(self) -> bool:
-        return isinstance(self.model.distribute_strategy,
-                          tf.distribute.MultiWorkerMirroredStrategy)
+        return getattr(strategy_for(self.model), "num_workers", 1) > 1
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -268,13 +268,10 @@ class PreemptionCheckpoint(BackupAndRestore):
 
     # ---------------------------------------------------------- agreement
     def _any_worker(self, flag: bool) -> bool:
-        """Whether `flag` is set on any worker (a collective: all must call it)."""
-        if not self._multi_worker():
-            return flag
-        strategy = self.model.distribute_strategy
-        local = 1.0 if flag else 0.0
-        votes = strategy.run(lambda: tf.constant(local, tf.float32))
-        return float(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
+        """Whether `flag` is set on any process (a collective: all must call it)."""
+        strategy = strategy_for(self.model)
+        any_worker = getattr(strategy, "any_worker", None)
+        return any_worker(flag) if any_worker is not None else bool(flag)
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)

@@ -126,7 +126,7 @@ def _strategy_available(f) -> bool:
 
 
 def _mesh_ok(spec) -> bool:
-    from tfpar.mesh import MeshError, parse_mesh
+    from tfpar.strategies.tensor.mesh import MeshError, parse_mesh
 
     try:
         names, _ = parse_mesh(spec)
@@ -300,7 +300,7 @@ def from_flags():
     """
     from tfpar import strategies
     from tfpar.devices import simulate_devices
-    from tfpar.mesh import num_clients
+    from tfpar.strategies.tensor.mesh import num_clients
     from tfpar.precision import set_precision
 
     name = resolve_strategy_name()
@@ -334,7 +334,7 @@ def from_flags():
     if name == "tensor":
         return _tensor_from_flags()
     if name == "pipeline":
-        from tfpar.pipeline import Pipeline
+        from tfpar.strategies.pipeline import Pipeline
 
         return Pipeline(stages=FLAGS.pipeline_stages or None,
                         split_points=FLAGS.split_points or None,
@@ -354,7 +354,7 @@ def _export_dtensor_clients():
 
 
 def _tensor_from_flags():
-    from tfpar.mesh import num_clients
+    from tfpar.strategies.tensor.mesh import num_clients
     from tfpar.strategies import TensorParallel
 
     mesh = FLAGS.mesh

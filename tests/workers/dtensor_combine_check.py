@@ -17,7 +17,7 @@ tfpar.simulate_devices(4)
 
 import keras  # noqa: E402
 
-from tfpar.strategies.tensor_parallel import use_dense_gradients  # noqa: E402
+from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients  # noqa: E402
 
 
 def build():

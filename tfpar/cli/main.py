@@ -94,7 +94,7 @@ def info() -> dict:
     replicas = {"one_device": 1, "data": len(gpus) or sum("CPU" in d for d in devices),
                 "multi_worker": (len(gpus) or 1) * (cluster.num_workers if cluster else 1)}
     if FLAGS.mesh:
-        from tfpar.mesh import parse_mesh
+        from tfpar.strategies.tensor.mesh import parse_mesh
 
         names, sizes = parse_mesh(FLAGS.mesh)
         replicas["tensor"] = dict(zip(names, sizes)).get("batch")
@@ -184,9 +184,9 @@ def _dispatch(command: str, rest: list[str]) -> int:
 def train() -> int:
     """`tfpar train [flags]`: trains the reference GPT (tfpar.train)."""
     from tfpar.data.text import TextDataError
-    from tfpar.layouts import LayoutError
-    from tfpar.mesh import MeshError
-    from tfpar.pipeline import PipelineConfigError, PipelineSplitError
+    from tfpar.strategies.tensor.layouts import LayoutError
+    from tfpar.strategies.tensor.mesh import MeshError
+    from tfpar.strategies.pipeline import PipelineConfigError, PipelineSplitError
     from tfpar.train import TrainConfigError, config_from_flags, run
 
     try:

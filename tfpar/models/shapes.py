@@ -56,7 +56,7 @@ class GPTConfig:
 
     def layer_parameters(self) -> list[tuple[str, int]]:
         """(layer name, parameter count) of the model's top-level layers, in the
-        order the pipeline splitter sees them (`tfpar.pipeline.split.operations`).
+        order the pipeline splitter sees them (`tfpar.strategies.pipeline.split.operations`).
         The add of the two embeddings is a layer without parameters."""
         h, f = self.hidden, self.hidden * self.mlp_ratio
         block = 4 * (h * h + h) + h * f + f + f * h + h + 4 * h

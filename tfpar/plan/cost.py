@@ -11,7 +11,7 @@ Memory per device (the largest stage's device):
 
 - weights, gradients, optimizer state: the parameters a device holds are
   those of its pipeline stage (cut exactly where `tfpar.Pipeline` cuts, by
-  `tfpar.pipeline.balance`), the tensor-split ones divided by the tensor
+  `tfpar.strategies.pipeline.balance`), the tensor-split ones divided by the tensor
   degree as tfpar's "megatron" layouts split them (attention by heads, the
   MLP's column/row pair, vocabulary-split embedding and LM head), the rest
   (LayerNorms, position embeddings, row-parallel biases) whole. Keras keeps
@@ -45,8 +45,8 @@ import functools
 import math
 
 from tfpar.models.shapes import GPTConfig
-from tfpar.pipeline.balance import balanced_cuts
-from tfpar.pipeline.schedules import get as get_schedule
+from tfpar.strategies.pipeline.balance import balanced_cuts
+from tfpar.strategies.pipeline.schedules import get as get_schedule
 
 GIB = 2 ** 30
 # Part of a device's memory a plan may fill: the rest is left to the
@@ -134,7 +134,7 @@ class Layout:
 def split_parameters(model: GPTConfig) -> list[tuple[str, int, int]]:
     """(layer, parameters split over the tensor axis, parameters kept whole) per
     layer, in `GPTConfig.layer_parameters()` order, as the megatron preset lays
-    them out (tfpar.layouts)."""
+    them out (tfpar.strategies.tensor.layouts)."""
     h, f, v = model.hidden, model.hidden * model.mlp_ratio, model.vocab
     # q, k, v (kernels and biases); the output kernel; the MLP's up; its down kernel.
     block_split = 3 * (h * h + h) + h * h + (h * f + f) + f * h

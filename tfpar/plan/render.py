@@ -69,7 +69,7 @@ def schedule_png(path: str, stages: int, microbatches: int, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tfpar.pipeline.schedules import BACKWARD, get
+    from tfpar.strategies.pipeline.schedules import BACKWARD, get
 
     shown = min(microbatches, 16)  # beyond 16 the boxes are too small to read
     fig, axes = plt.subplots(2, 1, figsize=(11, 1.2 + 0.9 * stages), dpi=100, sharex=True)

@@ -1,9 +1,33 @@
-"""tfpar's strategies: one class per way of spreading a model over devices."""
+"""tfpar's strategies: one class per way of spreading a model over devices.
 
-from tfpar.strategies.data_parallel import DataParallel, MultiWorker, OneDevice
+- `base`: the interface every strategy implements (`Strategy`), and the one
+  place that decides which process writes shared files (`should_write`);
+- `data_parallel`: `OneDevice`, `DataParallel`, `MultiWorker`
+  (`tf.distribute` strategies: every replica holds the whole model);
+- `tensor`: `TensorParallel` with its device `mesh` and weight `layouts`
+  (DTensor: one layer's weights split over devices);
+- `pipeline`: `Pipeline` with its `split`ter, `schedules` and `runner`
+  (the model's layers cut into stages on consecutive devices);
+- `registry`: how Keras finds the strategies that are not `tf.distribute` ones;
+- `build`: the strategy a `tfpar.ParallelDims` describes.
 
-__all__ = ["OneDevice", "DataParallel", "MultiWorker"]
+The package loads TensorFlow only when a strategy class is first used, so
+the pure parts (`tfpar.plan` uses the pipeline's schedules and balancing)
+start without it.
+"""
 
-from tfpar.strategies.tensor_parallel import TensorParallel  # noqa: E402
+import importlib
 
-__all__.append("TensorParallel")
+_LAZY = {"OneDevice": "data_parallel", "DataParallel": "data_parallel",
+         "MultiWorker": "data_parallel", "TensorParallel": "tensor.tensor_parallel",
+         "Pipeline": "pipeline.runner", "Strategy": "base", "should_write": "base",
+         "strategy_for": "base", "build": "build"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f"tfpar.strategies.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'tfpar.strategies' has no attribute {name!r}")

@@ -24,8 +24,10 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 
 from tfpar import compat
+from tfpar.parallel_dims import ParallelDims
 from tfpar.cluster import Cluster, ClusterConfigError, discover, wait_until_resolvable
 from tfpar.devices import DeviceConfigError, local_devices
+from tfpar.strategies.base import StrategyBase
 
 log = logging.getLogger("tfpar")
 
@@ -43,35 +45,22 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
 DEFAULT_REGISTER_TIMEOUT_S = 300.0
 
 
-class _Described:
-    """What every tfpar strategy can say about itself."""
+class _TFDistribute(StrategyBase):
+    """The interface answers of a `tf.distribute` strategy (all replicas hold the model)."""
 
-    kind: str
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(dp=self.num_replicas_in_sync)
 
     @property
     def is_chief(self) -> bool:
         return bool(self.extended.should_checkpoint)
 
-    @property
-    def num_workers(self) -> int:
-        return 1
-
-    @property
-    def worker_index(self) -> int:
-        return 0
-
-    def describe(self) -> dict:
-        return {
-            "strategy": self.kind,
-            "class": type(self).__name__,
-            "replicas": self.num_replicas_in_sync,
-            "workers": self.num_workers,
-            "worker_index": self.worker_index,
-            "devices": list(self.extended.worker_devices),
-        }
+    def _devices(self) -> list[str]:
+        return list(self.extended.worker_devices)
 
 
-class OneDevice(_Described, tf.distribute.OneDeviceStrategy):
+class OneDevice(_TFDistribute, tf.distribute.OneDeviceStrategy):
     """Everything on one device (the first GPU, else the CPU).
 
     The baseline every other strategy is compared with, and the strategy a
@@ -89,7 +78,7 @@ class OneDevice(_Described, tf.distribute.OneDeviceStrategy):
         super().__init__(device or local_devices()[0])
 
 
-class DataParallel(_Described, tf.distribute.MirroredStrategy):
+class DataParallel(_TFDistribute, tf.distribute.MirroredStrategy):
     """Synchronous data parallelism over the devices of one host.
 
     Args:
@@ -139,7 +128,7 @@ class DataParallel(_Described, tf.distribute.MirroredStrategy):
         self.all_reduce = all_reduce
 
 
-class MultiWorker(_Described, tf.distribute.MultiWorkerMirroredStrategy):
+class MultiWorker(_TFDistribute, tf.distribute.MultiWorkerMirroredStrategy):
     """Synchronous data parallelism across processes and hosts.
 
     Each worker process holds a full replica per local GPU (one per CPU
@@ -260,6 +249,11 @@ class MultiWorker(_Described, tf.distribute.MultiWorkerMirroredStrategy):
     @property
     def worker_index(self) -> int:
         return self.cluster.rank
+
+    def any_worker(self, flag: bool) -> bool:
+        """A scalar all-reduce: True on every worker if `flag` is set on any."""
+        votes = self.run(lambda: tf.constant(1.0 if flag else 0.0, tf.float32))
+        return float(self.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
 
     def describe(self) -> dict:
         info = super().describe()

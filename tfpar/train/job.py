@@ -266,8 +266,8 @@ def _compiled_gpt(config, shape, strategy):
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
     # Exact Adam on embeddings, and the same update under every strategy
-    # (see tfpar.strategies.tensor_parallel.use_dense_gradients).
-    tfpar.strategies.tensor_parallel.use_dense_gradients(optimizer)
+    # (see tfpar.strategies.tensor.tensor_parallel.use_dense_gradients).
+    tfpar.strategies.tensor.tensor_parallel.use_dense_gradients(optimizer)
     return model
 
 

@@ -31,13 +31,16 @@ import math
 import warnings
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
-from tfpar import compat, layouts
-from tfpar.mesh import BATCH_AXIS, MeshError, build_mesh, client_id, num_clients, parse_mesh
+from tfpar import compat
+from tfpar.compat.dtensor_variables import gather, to_layout
+from tfpar.parallel_dims import ParallelDims
+from tfpar.strategies.tensor import layouts
+from tfpar.strategies.tensor.mesh import BATCH_AXIS, MeshError, build_mesh, client_id, num_clients, parse_mesh
 from tfpar.strategies import registry
+from tfpar.strategies.base import StrategyBase
 
 log = logging.getLogger("tfpar")
 
@@ -48,7 +51,7 @@ def current() -> "TensorParallel | None":
     return strategy if isinstance(strategy, TensorParallel) else None
 
 
-class TensorParallel:
+class TensorParallel(StrategyBase):
     """Splits weights over the "model" axis of a device mesh, batches over "batch".
 
     Args:
@@ -112,14 +115,44 @@ class TensorParallel:
         return client_id()
 
     @property
-    def is_chief(self) -> bool:
-        return client_id() == 0
+    def dims(self) -> ParallelDims:
+        tensor = math.prod(n for a, n in self.mesh_shape.items() if a != self.batch_axis)
+        return ParallelDims(dp=self.num_replicas_in_sync, tp=tensor)
+
+    def _devices(self) -> list[str]:
+        return [str(d) for d in self.mesh.local_devices()]
 
     def describe(self) -> dict:
-        return {"strategy": self.kind, "class": type(self).__name__,
-                "mesh": dict(self.mesh_shape), "replicas": self.num_replicas_in_sync,
-                "workers": self.num_workers, "worker_index": self.worker_index,
-                "devices": [str(d) for d in self.mesh.local_devices()]}
+        return super().describe() | {"mesh": dict(self.mesh_shape)}
+
+    def local_batch_rows(self, global_batch_size: int) -> tuple[int, int]:
+        """[start, stop) rows of each global batch that this process feeds: all of
+        them on one process; with several clients, the rows of the batch shards
+        its devices hold."""
+        shards = sorted({loc[self.batch_axis] for loc in self.mesh.local_device_locations()})
+        if shards != list(range(shards[0], shards[-1] + 1)):
+            raise MeshError(
+                f"this process's devices hold batch shards {shards}, which are not "
+                "contiguous; order the mesh so each process holds a contiguous range."
+            )
+        per_shard = global_batch_size // self.num_replicas_in_sync
+        return shards[0] * per_shard, (shards[-1] + 1) * per_shard
+
+    def any_worker(self, flag: bool) -> bool:
+        """True on every client if `flag` is set on any (a sum over the mesh).
+
+        Each local device contributes this client's flag to a tensor sharded
+        over every mesh axis; summing it is one all-reduce across clients.
+        """
+        if self.num_workers == 1:
+            return bool(flag)
+        names = list(self.mesh.dim_names)
+        layout = dtensor.Layout(names, self.mesh)
+        one = tf.constant(1.0 if flag else 0.0, tf.float32, shape=[1] * len(names))
+        votes = dtensor.pack([one] * len(self.mesh.local_devices()), layout)
+        total = dtensor.unpack(dtensor.relayout(
+            tf.reduce_sum(votes), dtensor.Layout.replicated(self.mesh, 0)))[0]
+        return float(total) > 0
 
     # ----------------------------------------------------------------- scope
     @contextlib.contextmanager
@@ -192,17 +225,6 @@ class TensorParallel:
             )
 
     # ------------------------------------------------------------------ data
-    def local_batch_rows(self, global_batch_size: int) -> tuple[int, int]:
-        """[start, stop) rows of each global batch that this process feeds."""
-        shards = sorted({loc[self.batch_axis] for loc in self.mesh.local_device_locations()})
-        if shards != list(range(shards[0], shards[-1] + 1)):
-            raise MeshError(
-                f"this process's devices hold batch shards {shards}, which are not "
-                "contiguous; order the mesh so each process holds a contiguous range."
-            )
-        per_shard = global_batch_size // self.num_replicas_in_sync
-        return shards[0] * per_shard, (shards[-1] + 1) * per_shard
-
     def pack_batch(self, batch):
         """A host batch -> DTensors split on the batch axis.
 
@@ -237,10 +259,7 @@ class TensorParallel:
         """A DTensor (any layout) -> the whole tensor on this host."""
         if value is None or not _is_dtensor(value):
             return value
-        layout = dtensor.fetch_layout(value)
-        if not layout.is_fully_replicated():
-            value = dtensor.relayout(value, dtensor.Layout.replicated(layout.mesh, layout.rank))
-        return dtensor.unpack(value)[0]
+        return gather(value)
 
     # --------------------------------------------------------------- models
     def step_function(self, model, kind: str):
@@ -303,24 +322,9 @@ class TensorParallel:
 
     # ---------------------------------------------------------------- memory
     def memory_report(self, model: keras.Model) -> dict:
-        """Per-device bytes of parameters and optimizer state, from the real variables."""
-        def per_device(variables):
-            total = 0
-            for v in variables:
-                value = getattr(v, "_value", v)
-                itemsize = np.dtype(v.dtype if isinstance(v.dtype, str) else v.dtype.name).itemsize
-                if isinstance(value, dtensor.DVariable):
-                    component = dtensor.unpack(value.read_value())[0]
-                    total += int(np.prod(component.shape)) * itemsize
-                else:
-                    total += int(np.prod(v.shape)) * itemsize
-            return total
-
-        params = per_device(model.weights)
-        optimizer = per_device(model.optimizer.variables) if model.optimizer is not None else 0
-        full = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
-        return {"parameter_bytes_per_device": params, "optimizer_bytes_per_device": optimizer,
-                "parameter_bytes_total": full, "model_axis_size": self.mesh_shape.get("model", 1)}
+        """Per-device bytes of parameters, gradients and optimizer state, from the
+        real variables (a sharded one counts its local component)."""
+        return super().memory_report(model) | {"model_axis_size": self.mesh_shape.get("model", 1)}
 
 
 def strategy_of(model) -> "TensorParallel | None":
@@ -352,14 +356,6 @@ def _is_dtensor(value) -> bool:
         return tf.executing_eagerly() and dtensor.is_dtensor(value)
     except (TypeError, ValueError, AttributeError):
         return False
-
-
-def to_layout(value, layout: dtensor.Layout):
-    """A host tensor -> a DTensor with `layout` (every process passes the whole value)."""
-    value = dtensor.copy_to_mesh(value, dtensor.Layout.replicated(layout.mesh, layout.rank))
-    if layout.is_fully_replicated():
-        return value
-    return dtensor.relayout(value, layout)
 
 
 def use_dense_gradients(optimizer) -> None:

@@ -2,13 +2,13 @@
 
 `Pipeline` is a tfpar strategy. Build and compile the model under its
 scope, as with every other strategy; the first `fit`, `evaluate` or
-`predict` splits the model into stages (`tfpar.pipeline.split`), moves each
+`predict` splits the model into stages (`tfpar.strategies.pipeline.split`), moves each
 stage's variables to its device, and runs every step as one `tf.function`
 in which:
 
-- the batch is cut into M micro-batches (`tfpar.pipeline.microbatch`);
+- the batch is cut into M micro-batches (`tfpar.strategies.pipeline.microbatch`);
 - stage s runs its actions in the order of the schedule
-  (`tfpar.pipeline.schedules`), each action under `tf.device(stage s)` and
+  (`tfpar.strategies.pipeline.schedules`), each action under `tf.device(stage s)` and
   a control dependency on the stage's previous action: inside one function
   TensorFlow's executor runs whatever is ready, so without them a stage
   would run any micro-batch whose input exists and the schedule (and its
@@ -46,10 +46,12 @@ import keras
 import tensorflow as tf
 
 from tfpar import compat
-from tfpar.pipeline import microbatch, schedules, split
-from tfpar.pipeline.schedules import BACKWARD, FORWARD
-from tfpar.pipeline.timeline import Timeline
+from tfpar.strategies.pipeline import microbatch, schedules, split
+from tfpar.strategies.pipeline.schedules import BACKWARD, FORWARD
+from tfpar.strategies.pipeline.timeline import Timeline
+from tfpar.parallel_dims import ParallelDims
 from tfpar.strategies import registry
+from tfpar.strategies.base import StrategyBase
 
 log = logging.getLogger("tfpar")
 
@@ -85,7 +87,7 @@ class Stage:
                 f"parameters={self.spec.parameters})")
 
 
-class Pipeline:
+class Pipeline(StrategyBase):
     """Pipeline parallelism: consecutive blocks of a model on consecutive devices.
 
     Args:
@@ -95,7 +97,7 @@ class Pipeline:
       split_points: names of the layers that begin stages 1..K-1, instead.
       microbatches: M; each batch is cut into M equal micro-batches (a batch
         that M does not divide uses M's largest divisor that does).
-      schedule: "gpipe", "1f1b", or a `tfpar.pipeline.Schedule`.
+      schedule: "gpipe", "1f1b", or a `tfpar.strategies.pipeline.Schedule`.
       devices: K*R device names (replica-major) or R lists of K. Default:
         the first K*R local GPUs, else logical CPUs. Remote devices
         ("/job:worker/replica:0/task:1/device:CPU:0", after
@@ -159,15 +161,19 @@ class Pipeline:
         """Data-parallel replicas: a global batch must divide by it."""
         return self.replicas
 
-    num_workers, worker_index, is_chief = 1, 0, True
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(dp=self.replicas, pp=self.num_stages,
+                            microbatches=self.num_microbatches, schedule=self.schedule.name)
+
+    def _devices(self) -> list[str]:
+        return [d for row in self.devices for d in row]
 
     def describe(self) -> dict:
-        return {"strategy": self.kind, "class": type(self).__name__,
-                "replicas": self.replicas, "workers": 1, "worker_index": 0,
-                "stages": self.num_stages, "microbatches": self.num_microbatches,
-                "schedule": self.schedule.name,
-                "devices": [d for row in self.devices for d in row],
-                "split": [s.spec.layer_names for s in self.stages] or None}
+        return super().describe() | {
+            "stages": self.num_stages, "microbatches": self.num_microbatches,
+            "schedule": self.schedule.name,
+            "split": [s.spec.layer_names for s in self.stages] or None}
 
     # ----------------------------------------------------------------- scope
     @contextlib.contextmanager

@@ -28,7 +28,7 @@ import dataclasses
 
 import keras
 
-from tfpar.pipeline.balance import balanced_cuts
+from tfpar.strategies.pipeline.balance import balanced_cuts
 
 
 class PipelineSplitError(ValueError):

@@ -182,7 +182,7 @@ def get(schedule) -> Schedule:
         return schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: use one of {sorted(SCHEDULES)} or a "
-                         "tfpar.pipeline.Schedule instance.")
+                         "tfpar.strategies.pipeline.Schedule instance.")
     return SCHEDULES[schedule]()
 
 

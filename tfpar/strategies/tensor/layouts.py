@@ -27,7 +27,7 @@ Dense layers are recognized by name: name MLP layers ``*mlp_up``/``*mlp_down``
 Example::
 
     mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"))
-    layout_map = tfpar.layouts.megatron(mesh)
+    layout_map = tfpar.strategies.tensor.layouts.megatron(mesh)
     layout_map["block_0/mlp_up/kernel"].axes     # (None, 'model')
 """
 

@@ -31,7 +31,7 @@ __all__ = sorted(_LAZY) + list(_SUBMODULES)
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"tfpar.pipeline.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(f"tfpar.strategies.pipeline.{_LAZY[name]}"), name)
     if name in _SUBMODULES:
-        return importlib.import_module(f"tfpar.pipeline.{name}")
-    raise AttributeError(f"module 'tfpar.pipeline' has no attribute {name!r}")
+        return importlib.import_module(f"tfpar.strategies.pipeline.{name}")
+    raise AttributeError(f"module 'tfpar.strategies.pipeline' has no attribute {name!r}")

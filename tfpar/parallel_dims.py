@@ -1,0 +1,228 @@
+"""`ParallelDims`: every parallel degree of a training job, in one object.
+
+A job spreads a model over `world_size = pp x dp x fsdp x tp` devices:
+
+| degree | field | what it splits | mesh axis |
+| --- | --- | --- | --- |
+| pipeline | `pp` | the model's layers into stages | `pipeline` |
+| data (replicated) | `dp` | each batch; every replica holds the whole model | `batch` |
+| sharded data (ZeRO/FSDP) | `fsdp` | each batch, and the weights and optimizer state | `fsdp` |
+| tensor | `tp` | one layer's weights (Megatron column/row, heads, vocabulary) | `model` |
+
+The mesh orders its axes outermost to innermost as large-scale trainers do
+(Megatron-core, torchtitan): pipeline, data, sharded data, tensor. Devices
+next to each other (one node, NVLink) then form the tensor groups, whose
+all-reduces run every layer; data-parallel gradients cross nodes once per
+step; pipeline stages exchange only activations.
+
+Everything in tfpar asks this object: `tfpar.plan` ranks `ParallelDims`,
+`tfpar.strategies.build(dims)` turns one into a strategy, `from_flags()`
+reads one from `--dp/--fsdp/--tp/--pp` (or the shorthands `--strategy`,
+`--mesh`, `--pipeline_stages`), and every strategy's `describe()` and the
+`summary.json` of `tfpar train` report one. Nobody re-derives degrees.
+
+Pure Python: no TensorFlow is imported.
+
+Example::
+
+    >>> dims = ParallelDims(dp=2, tp=2)
+    >>> dims.world_size, dims.strategy_kind(), dims.mesh_spec()
+    (4, 'tensor', 'batch:2,model:2')
+    >>> ParallelDims(pp=4, dp=2, microbatches=8).flags()
+    ['--dp=2', '--pp=4', '--microbatches=8', '--schedule=1f1b']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Degree field -> mesh axis name, outermost first. "batch" and "model" are
+# Keras's own names (keras.distribution, keras-hub layout maps), so a
+# LayoutMap written for Keras's ModelParallel applies to tfpar's meshes.
+MESH_AXES = {"pp": "pipeline", "dp": "batch", "fsdp": "fsdp", "tp": "model"}
+DEGREE_NAMES = {"pp": "pipeline", "dp": "data", "fsdp": "sharded data", "tp": "tensor"}
+
+
+class ParallelDimsError(ValueError):
+    """Parallel degrees that cannot work; the message names each degree and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelDims:
+    """The parallel degrees of one job, and the pipeline's micro-batching.
+
+    Attributes:
+      dp: data-parallel replicas (each holds the whole model, or its stage or
+        tensor shard); gradients are all-reduced between them.
+      fsdp: sharded-data-parallel degree (ZeRO-3/FSDP: weights, gradients
+        and optimizer state split over it; each batch too).
+      tp: tensor-parallel degree (the "model" mesh axis).
+      pp: pipeline stages.
+      microbatches: micro-batches per batch and pipeline replica (pp > 1).
+      schedule: the pipeline schedule, a name from
+        `tfpar.strategies.pipeline.schedules.SCHEDULES` ("gpipe", "1f1b").
+    """
+
+    dp: int = 1
+    fsdp: int = 1
+    tp: int = 1
+    pp: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+
+    def __post_init__(self):
+        for name in ("dp", "fsdp", "tp", "pp", "microbatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ParallelDimsError(
+                    f"{name}={value!r}: every parallel degree is a whole number >= 1 "
+                    f"(1 turns that dimension off).")
+        from tfpar.strategies.pipeline.schedules import SCHEDULES  # pure: the one registry
+
+        if self.schedule not in SCHEDULES:
+            raise ParallelDimsError(f"schedule={self.schedule!r}: use one of {list(SCHEDULES)}.")
+
+    # ----------------------------------------------------------- the degrees
+    @property
+    def world_size(self) -> int:
+        """Devices the job needs: pp x dp x fsdp x tp."""
+        return self.pp * self.dp * self.fsdp * self.tp
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways each batch is split: dp x fsdp (the replicas in sync)."""
+        return self.dp * self.fsdp
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.fsdp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    def validate(self, devices: int) -> "ParallelDims":
+        """Checks that the degrees use exactly `devices` devices; returns self."""
+        if self.world_size != devices:
+            factors = " x ".join(f"{DEGREE_NAMES[k]} {getattr(self, k)}" for k in MESH_AXES)
+            fix = self._fix_for(devices)
+            raise ParallelDimsError(
+                f"{factors} = {self.world_size} devices, but the job has {devices}. The "
+                f"product of the degrees (--pp x --dp x --fsdp x --tp) must equal the device "
+                f"count{fix}.")
+        return self
+
+    def _fix_for(self, devices: int) -> str:
+        others = self.world_size // self.dp
+        if devices % others == 0:
+            return f": e.g. --dp={devices // others}"
+        return ": change the degrees, or the devices (--num_simulated_devices on CPU)"
+
+    # ---------------------------------------------------- what tfpar runs
+    def unsupported(self) -> str | None:
+        """Why this tfpar release cannot run these degrees, or None if it can."""
+        if self.fsdp_enabled:
+            return (f"sharded data parallelism (fsdp={self.fsdp}) is not available in this "
+                    "tfpar release; use --dp (replicated data parallelism) instead")
+        if self.tp_enabled and self.pp_enabled:
+            return (f"tensor x pipeline parallelism (tp={self.tp}, pp={self.pp}) in one job is "
+                    "not available in this tfpar release; use --tp or --pp (with --dp)")
+        return None
+
+    def check_runnable(self) -> "ParallelDims":
+        """Raises ParallelDimsError if this release cannot run these degrees; returns self."""
+        reason = self.unsupported()
+        if reason:
+            raise ParallelDimsError(reason + ".")
+        return self
+
+    def strategy_kind(self, multi_process: bool = False) -> str:
+        """The tfpar strategy that runs these degrees: one_device, data,
+        multi_worker, tensor or pipeline (checked with `check_runnable`)."""
+        self.check_runnable()
+        if self.pp_enabled:
+            return "pipeline"
+        if self.tp_enabled:
+            return "tensor"
+        if multi_process:
+            return "multi_worker"
+        return "data" if self.dp_enabled else "one_device"
+
+    # ----------------------------------------------------------- the mesh
+    def mesh_shape(self) -> dict[str, int]:
+        """{mesh axis: size} in mesh order, for the axes in use (a batch axis always)."""
+        return {axis: getattr(self, field) for field, axis in MESH_AXES.items()
+                if getattr(self, field) > 1 or axis == "batch"}
+
+    def mesh_spec(self, pipeline_axis: bool = False) -> str:
+        """The mesh as tfpar writes it ("batch:2,model:2"); the tensor strategy's mesh
+        has no pipeline axis (each stage has its own), unless `pipeline_axis`."""
+        shape = self.mesh_shape()
+        if not pipeline_axis:
+            shape.pop("pipeline", None)
+        if self.tp_enabled or "model" in shape:
+            shape.setdefault("model", self.tp)
+        return ",".join(f"{axis}:{size}" for axis, size in shape.items())
+
+    @classmethod
+    def from_mesh(cls, spec: str | dict[str, int], **kwargs) -> "ParallelDims":
+        """Degrees from a mesh: "batch:2,model:2" -> ParallelDims(dp=2, tp=2)."""
+        if isinstance(spec, str):
+            names, sizes = _parse_axes(spec)
+            spec = dict(zip(names, sizes))
+        by_axis = {axis: field for field, axis in MESH_AXES.items()}
+        unknown = [a for a in spec if a not in by_axis]
+        if unknown:
+            raise ParallelDimsError(
+                f"mesh axes {unknown}: tfpar's mesh axes are {list(by_axis)} "
+                "(pipeline, data, sharded data, tensor).")
+        return cls(**{by_axis[a]: int(n) for a, n in spec.items()}, **kwargs)
+
+    # ------------------------------------------------------------ reporting
+    def flags(self) -> list[str]:
+        """The degree flags that give these dims (degrees of 1 left out)."""
+        out = [f"--{k}={getattr(self, k)}" for k in ("dp", "fsdp", "tp", "pp")
+               if getattr(self, k) > 1]
+        if self.pp_enabled:
+            out += [f"--microbatches={self.microbatches}", f"--schedule={self.schedule}"]
+        return out
+
+    def describe(self) -> dict:
+        """A JSON-ready dict (what summary.json and `describe()` report)."""
+        return dataclasses.asdict(self) | {"world_size": self.world_size}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ParallelDims":
+        """The inverse of `describe()` (extra keys such as world_size are checked)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        dims = cls(**{k: v for k, v in values.items() if k in fields})
+        extra = set(values) - fields - {"world_size"}
+        if extra:
+            raise ParallelDimsError(f"unknown parallel degree(s) {sorted(extra)}; known: "
+                                    f"{sorted(fields)}.")
+        if "world_size" in values and values["world_size"] != dims.world_size:
+            raise ParallelDimsError(f"world_size={values['world_size']} does not match the "
+                                    f"degrees' product {dims.world_size}.")
+        return dims
+
+    def __str__(self):
+        return " x ".join(f"{k} {getattr(self, k)}" for k in ("pp", "dp", "fsdp", "tp")
+                          if getattr(self, k) > 1) or "one device"
+
+
+def _parse_axes(spec: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    from tfpar.strategies.tensor.mesh import MeshError, parse_mesh  # pure parsing
+
+    try:
+        return parse_mesh(spec)
+    except MeshError as e:
+        raise ParallelDimsError(str(e)) from e
+

@@ -1,0 +1,68 @@
+"""The strategy that runs a `ParallelDims`: one function, every degree.
+
+    strategy = tfpar.strategies.build(tfpar.ParallelDims(dp=2, tp=2))   # TensorParallel
+    strategy = tfpar.strategies.build(tfpar.ParallelDims(pp=4, microbatches=8))  # Pipeline
+    strategy.dims == ParallelDims(dp=2, tp=2)                           # it reports the same
+
+Which strategy runs which degrees:
+
+| degrees | strategy |
+| --- | --- |
+| all 1 | `OneDevice` |
+| dp (one process) | `DataParallel` over dp local devices |
+| dp (a cluster) | `MultiWorker`: dp is every replica of every worker |
+| tp (x dp) | `TensorParallel` on the mesh "batch:dp,model:tp" |
+| pp (x dp) | `Pipeline` with pp stages and dp replicas |
+| fsdp, or tp x pp | refused: not in this release (`ParallelDims.unsupported`) |
+"""
+
+from __future__ import annotations
+
+from tfpar.parallel_dims import ParallelDims, ParallelDimsError
+
+
+def build(dims: ParallelDims, *, cluster=None, layouts="megatron", split_points=None,
+          all_reduce: str = "auto", num_local_devices: int | None = None,
+          multi_worker: dict | None = None):
+    """Builds the tfpar strategy that runs `dims`.
+
+    Args:
+      dims: the degrees.
+      cluster: a `tfpar.cluster.Cluster` when this process is one of several
+        (data parallelism across workers, or a multi-client tensor mesh).
+      layouts: `TensorParallel`'s LayoutMap or preset name.
+      split_points: `Pipeline`'s cut points (layer names), else balanced cuts.
+      all_reduce: `DataParallel`'s all-reduce, or `MultiWorker`'s communication.
+      num_local_devices: devices per process of a multi-client mesh (CPU).
+      multi_worker: further `MultiWorker` arguments (timeouts, pack_bytes).
+
+    Raises ParallelDimsError when the degrees do not fit the devices, or
+    when this release cannot run them.
+    """
+    from tfpar import strategies
+    from tfpar.devices import local_devices
+
+    kind = dims.strategy_kind(multi_process=cluster is not None)
+    if kind == "one_device":
+        return strategies.OneDevice()
+    if kind == "data":
+        devices = local_devices()
+        if dims.dp > len(devices):
+            dims.validate(len(devices))
+        return strategies.DataParallel(devices=devices[:dims.dp], all_reduce=all_reduce)
+    if kind == "multi_worker":
+        strategy = strategies.MultiWorker(
+            cluster=cluster, communication="auto" if all_reduce == "auto" else all_reduce,
+            **(multi_worker or {}))
+        if dims.dp > 1 and strategy.num_replicas_in_sync != dims.dp:
+            raise ParallelDimsError(
+                f"dp={dims.dp}, but the cluster has {strategy.num_replicas_in_sync} replicas "
+                f"({strategy.num_workers} workers); across workers every device is a "
+                "data-parallel replica: drop --dp, or match it.")
+        return strategy
+    if kind == "tensor":
+        return strategies.TensorParallel(dims.mesh_spec(), layouts,
+                                         num_local_devices=num_local_devices)
+    return strategies.Pipeline(stages=dims.pp, split_points=split_points,
+                               microbatches=dims.microbatches, schedule=dims.schedule,
+                               replicas=dims.dp)
