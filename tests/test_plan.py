@@ -8,6 +8,7 @@ import pytest
 import tfpar
 from conftest import tfpar_cli
 from tfpar.models import SIZES, GPTConfig
+from tfpar.parallel_dims import ParallelDims
 from tfpar.strategies.pipeline import split
 from tfpar.plan import Hardware, Workload, recommend, variable_bytes
 
@@ -78,16 +79,17 @@ def test_gpt3_175b_on_1024_a100_is_megatrons_tensor_8_pipeline_8_data_16():
     # micro-batch 1, with activation recomputation.
     plan = recommend(Workload(SIZES["gpt3-175b"], 1536, precision="mixed_bfloat16",
                               recompute=True), Hardware(devices=1024, **A100_80GB_NODES))
-    best = plan.best.layout
-    assert (best.data, best.tensor, best.pipeline, best.micro_batch) == (16, 8, 8, 1)
+    best = plan.best
+    assert (best.dims.dp, best.dims.tp, best.dims.pp, best.micro_batch) == (16, 8, 8, 1)
+    assert best.dims == ParallelDims(dp=16, tp=8, pp=8, microbatches=96)
 
 
 def test_without_recomputation_gpt3_175b_needs_a_deeper_pipeline():
     plan = recommend(Workload(SIZES["gpt3-175b"], 1536, precision="mixed_bfloat16"),
                      Hardware(devices=1024, **A100_80GB_NODES))
-    best = plan.best.layout
-    assert best.tensor == 8 and best.pipeline > 8
-    assert best.data * best.tensor * best.pipeline == 1024
+    best = plan.best.dims
+    assert best.tp == 8 and best.pp > 8
+    assert best.world_size == 1024
 
 
 def test_mt_nlg_530b_keeps_tensor_in_the_node_and_pipelines_across_nodes():
@@ -95,16 +97,16 @@ def test_mt_nlg_530b_keeps_tensor_in_the_node_and_pipelines_across_nodes():
     mt_nlg = GPTConfig(layers=105, hidden=20480, heads=128, vocab=50304, seq_len=2048)
     plan = recommend(Workload(mt_nlg, 1920, precision="mixed_bfloat16", recompute=True),
                      Hardware(devices=2240, **A100_80GB_NODES))
-    best = plan.best.layout
-    assert best.tensor == 8 and best.pipeline >= 20, best
+    best = plan.best.dims
+    assert best.tp == 8 and best.pp >= 20, best
 
 
 def test_a_model_that_fits_one_device_is_trained_data_parallel():
     plan = recommend(Workload(SIZES["gpt3-1.3b"], 512, precision="mixed_bfloat16"),
                      Hardware(devices=8, **A100_80GB_NODES))
     best = plan.best
-    assert (best.layout.tensor, best.layout.pipeline) == (1, 1)
-    assert best.tfpar_flags.startswith("--strategy=data")
+    assert (best.dims.tp, best.dims.pp) == (1, 1)
+    assert best.tfpar_flags.startswith("--dp=8 ")
     assert "pure data parallelism" in plan.reasons[0]
 
 
@@ -128,6 +130,9 @@ def test_plan_prints_a_table_and_json_with_the_recommendation(tmp_path):
     recommended = json.loads(result.stdout)["recommended"]
     assert {k: recommended[k] for k in ("data", "tensor", "pipeline", "microbatches")} == {
         "data": 16, "tensor": 8, "pipeline": 8, "microbatches": 96}
+    # The plan speaks ParallelDims, and the flags it prints are the degree flags.
+    assert ParallelDims.from_dict(recommended["dims"]) == ParallelDims(
+        dp=16, tp=8, pp=8, microbatches=96)
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert result.elapsed < 30  # no TensorFlow: planning is arithmetic
 

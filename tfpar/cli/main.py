@@ -220,10 +220,10 @@ def plan() -> int:
         sys.stderr.write(f"tfpar plan: {result.reasons[0]}\n")
         return 1
     if FLAGS.timeline_png:
-        lay = best.layout
-        schedule_png(FLAGS.timeline_png, max(lay.pipeline, 2), best.microbatches,
-                     f"data={lay.data} tensor={lay.tensor} pipeline={lay.pipeline}: "
-                     f"{max(lay.pipeline, 2)} stages, {best.microbatches} micro-batches")
+        dims = best.dims
+        schedule_png(FLAGS.timeline_png, max(dims.pp, 2), best.microbatches,
+                     f"data={dims.dp} tensor={dims.tp} pipeline={dims.pp}: "
+                     f"{max(dims.pp, 2)} stages, {best.microbatches} micro-batches")
     return 0
 
 

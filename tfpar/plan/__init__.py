@@ -1,4 +1,4 @@
-"""`tfpar plan`: which data x tensor x pipeline layout fits a model on a cluster.
+"""`tfpar plan`: which parallel degrees (`tfpar.ParallelDims`) fit a model on a cluster.
 
 - `cost`: the model of one layout: memory per device (weights, gradients,
   optimizer, activations), communication and step time;
@@ -14,11 +14,12 @@ Pure Python: no TensorFlow is imported. Example::
     plan = recommend(Workload(SIZES["gpt3-175b"], global_batch=1536, recompute=True,
                               precision="mixed_bfloat16"),
                      Hardware(devices=1024, devices_per_node=8, memory_gib=80))
-    plan.best.layout        # Layout(data=16, tensor=8, pipeline=8, micro_batch=1)
+    plan.best.dims          # ParallelDims(dp=16, tp=8, pp=8, microbatches=96, ...)
+    plan.best.micro_batch   # 1
 """
 
-from tfpar.plan.cost import ACCELERATORS, Hardware, Layout, Workload, memory, variable_bytes
+from tfpar.plan.cost import ACCELERATORS, Hardware, Workload, memory, variable_bytes
 from tfpar.plan.search import Candidate, Plan, PlanError, recommend
 
-__all__ = ["ACCELERATORS", "Candidate", "Hardware", "Layout", "Plan", "PlanError", "Workload",
+__all__ = ["ACCELERATORS", "Candidate", "Hardware", "Plan", "PlanError", "Workload",
            "memory", "recommend", "variable_bytes"]

@@ -45,6 +45,7 @@ import functools
 import math
 
 from tfpar.models.shapes import GPTConfig
+from tfpar.parallel_dims import ParallelDims
 from tfpar.strategies.pipeline.balance import balanced_cuts
 from tfpar.strategies.pipeline.schedules import get as get_schedule
 
@@ -119,15 +120,10 @@ class Workload:
         return 4 if self.precision == "float32" else 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    data: int
-    tensor: int
-    pipeline: int
-    micro_batch: int
-
-    def microbatches(self, global_batch: int) -> int:
-        return global_batch // (self.data * self.micro_batch)
+def microbatches(work: Workload, dims: ParallelDims, micro_batch: int) -> int:
+    """Micro-batches of `micro_batch` sequences per data-parallel replica and step
+    (pipeline micro-batches, or gradient-accumulation steps without a pipeline)."""
+    return work.global_batch // (dims.batch_shards * micro_batch)
 
 
 # ------------------------------------------------------------------ memory
@@ -180,15 +176,15 @@ def activation_bytes_per_layer(work: Workload, micro_batch: int, tensor: int) ->
     return per_16bit * work.activation_bytes / 2
 
 
-def memory(work: Workload, layout: Layout) -> dict:
+def memory(work: Workload, dims: ParallelDims, micro_batch: int) -> dict:
     """Bytes on the fullest device: weights, gradients, optimizer, activations, total."""
-    model, t, p = work.model, layout.tensor, layout.pipeline
-    m = layout.microbatches(work.global_batch)
+    model, t, p = work.model, dims.tp, dims.pp
+    m = microbatches(work, dims, micro_batch)
     params = stage_parameters(model, t, p)
     layers = stages(model, p)
     in_flight = _peak_stash(work.schedule, p, m) if p > 1 else [1]
-    per_layer = activation_bytes_per_layer(work, layout.micro_batch, t)
-    tokens = model.seq_len * layout.micro_batch
+    per_layer = activation_bytes_per_layer(work, micro_batch, t)
+    tokens = model.seq_len * micro_batch
     accumulate = p == 1 and m > 1
     rows = []
     for s, stage_layers in enumerate(layers):
@@ -217,10 +213,10 @@ def _ring_all_reduce(size_bytes: float, group: int, gbps: float) -> float:
     return 0.0 if group == 1 else 2 * (group - 1) / group * size_bytes / (gbps * 1e9)
 
 
-def step(work: Workload, layout: Layout, hw: Hardware) -> dict:
+def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> dict:
     """Seconds per optimizer step (compute, bubble, communication) and bytes sent per device."""
-    model, d, t, p, b = work.model, layout.data, layout.tensor, layout.pipeline, layout.micro_batch
-    m = layout.microbatches(work.global_batch)
+    model, d, t, p, b = work.model, dims.batch_shards, dims.tp, dims.pp, micro_batch
+    m = microbatches(work, dims, micro_batch)
     tokens = work.global_batch * model.seq_len
     flops = tokens * model.training_flops_per_token() * (4 / 3 if work.recompute else 1)
     peak = hw.peak_tflops * 1e12

@@ -13,10 +13,7 @@ def as_json(plan: Plan, top: int = 20) -> dict:
     best = plan.best
     recommended = None
     if best is not None:
-        recommended = {"data": best.layout.data, "tensor": best.layout.tensor,
-                       "pipeline": best.layout.pipeline, "microbatches": best.microbatches,
-                       "micro_batch_size": best.layout.micro_batch,
-                       "schedule": plan.work.schedule, **best.as_dict(),
+        recommended = {**best.as_dict(), "schedule": plan.work.schedule,
                        "reasons": plan.reasons}
     return {"model": {**dataclasses.asdict(plan.work.model),
                       "parameters": plan.work.model.num_parameters},
@@ -46,11 +43,11 @@ def table(plan: Plan, top: int = 12) -> str:
     if rejected and all(c.fits for c in shown):
         shown = shown + rejected[:3]
     for c in shown:
-        m, t, lay = c.memory, c.time, c.layout
+        m, t, dims = c.memory, c.time, c.dims
         state = (m["weights"] + m["gradients"] + m["optimizer"]) / GIB
         mark = ">" if c is plan.best else ("x" if not c.fits else "")
         lines.append(
-            f"{mark:2}{lay.data:>5} {lay.tensor:>6} {lay.pipeline:>5} {lay.micro_batch:>4} "
+            f"{mark:2}{dims.dp:>5} {dims.tp:>6} {dims.pp:>5} {c.micro_batch:>4} "
             f"{c.microbatches:>5} {state:>9.1f} {m['activations'] / GIB:>8.1f} "
             f"{m['total'] / GIB:>7.1f} {t['bubble']:>7.1%} {t['comm_bytes'] / 1e9:>8.2f} "
             f"{t['step_s']:>8.3f} {t['mfu']:>6.1%}  "

@@ -12,7 +12,9 @@ Example::
 
     work = Workload(tfpar.models.SIZES["gpt3-175b"], global_batch=1536, recompute=True)
     plan = recommend(work, Hardware(devices=1024))        # 8-GPU A100-80GB nodes
-    plan.best.layout          # Layout(data=16, tensor=8, pipeline=8, micro_batch=1)
+    plan.best.dims            # ParallelDims(dp=16, tp=8, pp=8, microbatches=96)
+    plan.best.micro_batch     # 1 sequence per micro-batch
+    plan.best.tfpar_flags     # '--dp=16 --tp=8 --pp=8 ...' or None (not runnable here)
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 
 from tfpar.plan import cost
-from tfpar.plan.cost import GIB, Hardware, Layout, Workload
+from tfpar.parallel_dims import ParallelDims
+from tfpar.plan.cost import GIB, Hardware, Workload
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -31,16 +34,17 @@ class PlanError(ValueError):
 
 @dataclasses.dataclass
 class Candidate:
-    layout: Layout
-    microbatches: int
+    dims: ParallelDims  # the degrees (and the pipeline's micro-batches)
+    micro_batch: int  # sequences per micro-batch
+    microbatches: int  # per replica and step: pipeline micro-batches or accumulation steps
     memory: dict
     time: dict
     fits: bool
     tfpar_flags: str | None  # how tfpar runs it, if it can
 
     def as_dict(self) -> dict:
-        return {"data": self.layout.data, "tensor": self.layout.tensor,
-                "pipeline": self.layout.pipeline, "micro_batch_size": self.layout.micro_batch,
+        return {"dims": self.dims.describe(), "data": self.dims.dp, "tensor": self.dims.tp,
+                "pipeline": self.dims.pp, "micro_batch_size": self.micro_batch,
                 "microbatches": self.microbatches, "fits": self.fits,
                 "memory_bytes": {k: v for k, v in self.memory.items() if k != "stage"},
                 "fullest_stage": self.memory["stage"], **self.time,
@@ -64,23 +68,26 @@ def _divisors(n: int) -> list[int]:
     return [i for i in range(1, n + 1) if n % i == 0]
 
 
-def tfpar_flags(layout: Layout, microbatches: int, hw: Hardware, schedule: str) -> str | None:
-    """The `tfpar train` strategy flags that run `layout`, or None if tfpar cannot."""
-    d, t, p = layout.data, layout.tensor, layout.pipeline
-    batch = f"--global_batch_size={layout.data * layout.micro_batch}"
-    accumulate = f" --grad_accum_steps={microbatches}" if microbatches > 1 else ""
-    if t > 1 and p > 1:
-        return None  # tensor x pipeline in one job: not in tfpar yet
-    if p > 1:
-        if d * p > hw.devices_per_node:
-            return None  # tfpar's pipeline runs its stages on one host
-        return (f"--strategy=pipeline --pipeline_stages={p} --pipeline_replicas={d} "
-                f"--microbatches={microbatches} --schedule={schedule} "
-                f"--global_batch_size={d * layout.micro_batch * microbatches}")
-    if t > 1:
-        return f"--strategy=tensor --mesh=batch:{d},model:{t} {batch}{accumulate}"
-    strategy = "data" if hw.devices <= hw.devices_per_node else "multi_worker"
-    return f"--strategy={strategy} {batch}{accumulate}"
+def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
+                hw: Hardware) -> str | None:
+    """The `tfpar train` flags that run `dims`, or None if tfpar cannot.
+
+    The degree flags are `ParallelDims.flags()`, so the plan and the runtime
+    share one vocabulary; the global batch is the sequences of one optimizer
+    step (with a pipeline: all its micro-batches; without one, the rest of the
+    batch is gradient accumulation).
+    """
+    if dims.unsupported() is not None:
+        return None
+    if dims.pp_enabled and dims.batch_shards * dims.pp > hw.devices_per_node:
+        return None  # tfpar's pipeline runs its stages on one host
+    per_step = dims.batch_shards * micro_batch
+    extra = []
+    if dims.pp_enabled:
+        per_step *= microbatches
+    elif microbatches > 1:
+        extra.append(f"--grad_accum_steps={microbatches}")
+    return " ".join(dims.flags() + [f"--global_batch_size={per_step}"] + extra)
 
 
 def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan:
@@ -105,16 +112,17 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
             for b in MICRO_BATCHES:
                 if work.global_batch % (d * b):
                     continue
-                layout = Layout(d, t, p, b)
-                m = layout.microbatches(work.global_batch)
-                mem = cost.memory(work, layout)
-                flags = tfpar_flags(layout, m, hw, work.schedule)
+                m = work.global_batch // (d * b)
+                dims = ParallelDims(dp=d, tp=t, pp=p, microbatches=m if p > 1 else 1,
+                                    schedule=work.schedule)
+                mem = cost.memory(work, dims, b)
+                flags = tfpar_flags(dims, b, m, hw)
                 if runnable_only and flags is None:
                     continue
-                candidates.append(Candidate(layout, m, mem, cost.step(work, layout, hw),
+                candidates.append(Candidate(dims, b, m, mem, cost.step(work, dims, b, hw),
                                             mem["total"] <= hw.usable_bytes, flags))
     candidates.sort(key=lambda c: (not c.fits, round(c.time["step_s"], 6),
-                                   c.layout.tensor * c.layout.pipeline, -c.layout.micro_batch))
+                                   c.dims.tp * c.dims.pp, -c.micro_batch))
     plan = Plan(work, hw, candidates, skipped, [])
     plan.reasons = _reasons(plan)
     return plan
@@ -130,43 +138,43 @@ def _reasons(plan: Plan) -> list[str]:
         if not plan.candidates:
             return ["no layout divides this model, batch and device count"]
         smallest = min(plan.candidates, key=lambda c: c.memory["total"])
-        lay = smallest.layout
+        dims = smallest.dims
         return [f"nothing fits in {_gib(hw.usable_bytes)} usable per device "
                 f"({hw.memory_gib:g} GiB x {cost.USABLE_FRACTION}); the smallest need is "
-                f"{_gib(smallest.memory['total'])} (data={lay.data}, tensor={lay.tensor}, "
-                f"pipeline={lay.pipeline}, micro-batch {lay.micro_batch}): use more devices, "
+                f"{_gib(smallest.memory['total'])} (data={dims.dp}, tensor={dims.tp}, "
+                f"pipeline={dims.pp}, micro-batch {smallest.micro_batch}): use more devices, "
                 "devices with more memory, a shorter context, or --recompute"]
-    lay, mem = best.layout, best.memory
+    dims, mem = best.dims, best.memory
     reasons = []
     state = mem["weights"] + mem["gradients"] + mem["optimizer"]
-    if lay.tensor == 1 and lay.pipeline == 1:
+    if dims.tp == 1 and dims.pp == 1:
         reasons.append(f"the whole model's weights, gradients and AdamW state ({_gib(state)}) "
                        f"and activations ({_gib(mem['activations'])}) fit on one device: pure "
                        "data parallelism needs only one gradient all-reduce per step")
     else:
-        if lay.tensor > 1:
-            where = ("within one node" if lay.tensor <= hw.devices_per_node
+        if dims.tp > 1:
+            where = ("within one node" if dims.tp <= hw.devices_per_node
                      else "across nodes")
-            reasons.append(f"tensor={lay.tensor} {where}: its 4 all-reduces per layer and "
+            reasons.append(f"tensor={dims.tp} {where}: its 4 all-reduces per layer and "
                            "micro-batch need the fastest links "
                            f"({hw.intra_node_gbps:g} GB/s in a node vs {hw.inter_node_gbps:g} "
                            "GB/s between nodes)")
-        if lay.pipeline > 1:
-            reasons.append(f"pipeline={lay.pipeline}: stages exchange only one activation per "
+        if dims.pp > 1:
+            reasons.append(f"pipeline={dims.pp}: stages exchange only one activation per "
                            f"micro-batch, so they can span nodes; {best.microbatches} "
                            f"micro-batches keep the bubble at {best.time['bubble']:.1%} "
                            f"((K-1)/(M+K-1), {work.schedule})")
         smaller = [c for c in plan.candidates
-                   if c.layout.tensor * c.layout.pipeline < lay.tensor * lay.pipeline]
+                   if c.dims.tp * c.dims.pp < dims.tp * dims.pp]
         if smaller and not any(c.fits for c in smaller):
             leanest = min(smaller, key=lambda c: c.memory["total"])
             reasons.append(f"fewer model-parallel devices do not fit: the best needs "
                            f"{_gib(leanest.memory['total'])} per device "
-                           f"(tensor={leanest.layout.tensor}, pipeline={leanest.layout.pipeline})"
+                           f"(tensor={leanest.dims.tp}, pipeline={leanest.dims.pp})"
                            f" > {_gib(hw.usable_bytes)} usable")
-    reasons.append(f"data={lay.data}: the remaining devices, each replica on "
-                   f"{lay.micro_batch * best.microbatches} sequences per step "
-                   f"(micro-batch {lay.micro_batch} x {best.microbatches})")
+    reasons.append(f"data={dims.dp}: the remaining devices, each replica on "
+                   f"{best.micro_batch * best.microbatches} sequences per step "
+                   f"(micro-batch {best.micro_batch} x {best.microbatches})")
     reasons.append(f"fullest device: {_gib(mem['total'])} of {_gib(hw.usable_bytes)} usable "
                    f"(weights+gradients+AdamW {_gib(state)}, activations "
                    f"{_gib(mem['activations'])})")
