@@ -147,6 +147,7 @@ def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
     assert "Epoch 2/2" in result.stdout and "tokens_per_second" in result.stdout
     summary = summary_of(tmp_path)
     assert summary["strategy"] == "data" and summary["devices"] == 4
+    assert summary["dims"]["dp"] == 4 and summary["dims"]["world_size"] == 4
     assert summary["steps"] == 20 and summary["data"].startswith("TFDS python_stdlib")
     assert summary["final_val_loss"] < 0.75 * summary["initial_val_loss"]
     assert summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
@@ -168,6 +169,7 @@ def test_tfpar_train_tensor_parallel_from_flags(data_dir, tmp_path):
     summary = summary_of(tmp_path)
     assert summary["strategy"] == "tensor" and summary["strategy_details"]["mesh"] == {
         "batch": 1, "model": 2}
+    assert (summary["dims"]["dp"], summary["dims"]["tp"]) == (1, 2)
     assert summary["final_val_loss"] < 0.75 * summary["initial_val_loss"]
 
 
@@ -178,6 +180,7 @@ def test_tfpar_train_pipeline_from_flags(data_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     summary = summary_of(tmp_path)
     assert summary["strategy"] == "pipeline" and summary["strategy_details"]["stages"] == 2
+    assert (summary["dims"]["pp"], summary["dims"]["microbatches"]) == (2, 4)
     assert summary["final_val_loss"] < 0.75 * summary["initial_val_loss"]
 
 

@@ -9,7 +9,7 @@
 - `pipeline`: `Pipeline` with its `split`ter, `schedules` and `runner`
   (the model's layers cut into stages on consecutive devices);
 - `registry`: how Keras finds the strategies that are not `tf.distribute` ones;
-- `build`: the strategy a `tfpar.ParallelDims` describes.
+- `from_dims`: `build(dims)`, the strategy a `tfpar.ParallelDims` describes.
 
 The package loads TensorFlow only when a strategy class is first used, so
 the pure parts (`tfpar.plan` uses the pipeline's schedules and balancing)
@@ -21,7 +21,7 @@ import importlib
 _LAZY = {"OneDevice": "data_parallel", "DataParallel": "data_parallel",
          "MultiWorker": "data_parallel", "TensorParallel": "tensor.tensor_parallel",
          "Pipeline": "pipeline.runner", "Strategy": "base", "should_write": "base",
-         "strategy_for": "base", "build": "build"}
+         "strategy_for": "base", "build": "from_dims"}
 
 __all__ = sorted(_LAZY)
 

@@ -206,7 +206,8 @@ def run(config: TrainConfig, strategy) -> dict:
     seconds = state["seconds"] + throughput.total_seconds
     rate = tokens / seconds if seconds else 0.0
     summary = {
-        "strategy": strategy.kind, "devices": devices, "replicas": strategy.num_replicas_in_sync,
+        "strategy": strategy.kind, "dims": strategy.dims.describe(), "devices": devices,
+        "replicas": strategy.num_replicas_in_sync,
         "workers": strategy.num_workers, "strategy_details": strategy.describe(),
         "model_config": dataclasses.asdict(shape), "parameters": shape.num_parameters,
         "data": source, "tokenizer": config.tokenizer, "global_batch_size": batch,

@@ -51,7 +51,7 @@ from tfpar.strategies.pipeline.schedules import BACKWARD, FORWARD
 from tfpar.strategies.pipeline.timeline import Timeline
 from tfpar.parallel_dims import ParallelDims
 from tfpar.strategies import registry
-from tfpar.strategies.base import StrategyBase
+from tfpar.strategies.base import StrategyBase, variable_bytes_per_device
 
 log = logging.getLogger("tfpar")
 
@@ -97,7 +97,8 @@ class Pipeline(StrategyBase):
       split_points: names of the layers that begin stages 1..K-1, instead.
       microbatches: M; each batch is cut into M equal micro-batches (a batch
         that M does not divide uses M's largest divisor that does).
-      schedule: "gpipe", "1f1b", or a `tfpar.strategies.pipeline.Schedule`.
+      schedule: "1f1b" (default: GPipe's bubble, at most K micro-batches stashed),
+        "gpipe", or a `tfpar.strategies.pipeline.Schedule`.
       devices: K*R device names (replica-major) or R lists of K. Default:
         the first K*R local GPUs, else logical CPUs. Remote devices
         ("/job:worker/replica:0/task:1/device:CPU:0", after
@@ -123,7 +124,7 @@ class Pipeline(StrategyBase):
     kind = "pipeline"
 
     def __init__(self, stages: int | None = None, split_points=None, microbatches: int = 1,
-                 schedule="gpipe", devices=None, replicas: int = 1, costs: dict | None = None,
+                 schedule="1f1b", devices=None, replicas: int = 1, costs: dict | None = None,
                  record_timeline: bool = False):
         if split_points is not None and isinstance(split_points, str):
             split_points = [p for p in split_points.split(",") if p]
@@ -221,6 +222,29 @@ class Pipeline(StrategyBase):
         model._tfpar_pipeline_stages = stages
         self.stages = stages
         return stages
+
+    # ---------------------------------------------------------------- memory
+    def memory_report(self, model: keras.Model) -> dict:
+        """Bytes per device of parameters, gradients and optimizer state, per stage.
+
+        Splits the model first if it is not split yet (variables and their
+        slots then sit on their stage's device). The top-level figures are
+        the fullest device's; `per_device` has every stage's.
+        """
+        stages = self.prepare(model)
+        per_device = {}
+        for stage in stages:
+            mine = {id(v) for v in stage.variables}
+            devices = {v.value.device for v in stage.variables}
+            optimizer = [v for v in getattr(model.optimizer, "variables", ())
+                         if v.value.device in devices and id(v) not in mine]
+            per_device[stage.device] = {
+                "parameter_bytes_per_device": variable_bytes_per_device(stage.variables),
+                "gradient_bytes_per_device": variable_bytes_per_device(stage.trainable_variables),
+                "optimizer_bytes_per_device": variable_bytes_per_device(optimizer)}
+        fullest = max(per_device.values(), key=lambda r: sum(r.values()))
+        total = variable_bytes_per_device(model.weights)
+        return {**fullest, "parameter_bytes_total": total, "per_device": per_device}
 
     # --------------------------------------------------------- step functions
     def step_function(self, model, kind: str):
