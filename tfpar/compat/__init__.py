@@ -12,6 +12,7 @@ DTensor variables and step functions for `TensorParallel` and `Pipeline`).
 | chief_only_writes | fix | `chief_only_writes` |
 | makedirs_race | fix | `makedirs_race` |
 | reduce_before_apply | fix | `reduce_before_apply` |
+| sum_duplicate_rows | fix | `sum_duplicate_rows` |
 | dtensor_variables | mechanism | `dtensor_variables` |
 | step_functions | mechanism | `step_functions` |
 
@@ -41,6 +42,7 @@ from tfpar.compat import (
     reduce_before_apply,
     reduce_scalar_metrics,
     step_functions,
+    sum_duplicate_rows,
     symbolic_build,
 )
 from tfpar.compat.patch import CompatError, Patch, keras_version
@@ -65,6 +67,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     dtensor_variables.PATCH,
     step_functions.PATCH,
     reduce_before_apply.PATCH,
+    sum_duplicate_rows.PATCH,
 )}
 _installed: set[str] = set()
 _warned: set[str] = set()
