@@ -44,7 +44,8 @@ def configure(verbosity: int, chief: bool = True) -> None:
     framework = own if verbosity >= 0 else logging.ERROR
     if not chief:
         own, framework = max(own, logging.WARNING), max(framework, logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_CPP[framework])
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _TF_CPP[framework]
 
     from absl import logging as absl_logging
 
