@@ -8,10 +8,11 @@ from absl.testing import flagsaver
 
 import tfpar
 from tfpar import flags as tfpar_flags
-from tfpar.train import flags as train_flags  # noqa: F401  (defines the train flags)
+from tfpar.train import flags as train_flags
 from tfpar.cluster import ClusterConfigError
 
 FLAGS = flags.FLAGS
+train_flags.define_train_flags(FLAGS)  # the strategy flags are defined by tfpar.flags
 
 
 @pytest.fixture(autouse=True)

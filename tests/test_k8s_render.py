@@ -179,7 +179,7 @@ def test_checkpoint_dir_is_a_mounted_claim_or_a_bucket():
 def test_cli_writes_yaml_and_passes_the_command_through_unchanged(tmp_path):
     out = tmp_path / "job.yaml"
     result = tfpar_cli("k8s", "render", "--name=mnist", "--image=img:1", "--workers=2",
-                       "--format=jobset", f"--output={out}", "--", *COMMAND, timeout=60)
+                       "--kind=jobset", f"--output={out}", "--", *COMMAND, timeout=60)
     assert result.returncode == 0, result.stdout
     (jobset,) = yaml.safe_load_all(out.read_text())
     pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
@@ -200,7 +200,7 @@ def test_cli_writes_yaml_and_passes_the_command_through_unchanged(tmp_path):
     (["--cpu=4 cores"], "--cpu='4 cores': write a CPU quantity"),
     (["--memory=lots"], "--memory='lots': write a byte quantity"),
     (["--namespace=ML"], "--namespace='ML': a namespace is a DNS-1123 label"),
-    (["--format=helm"], "--format='helm': use one of ['indexed-job', 'jobset', 'tfjob']"),
+    (["--kind=helm"], "--kind='helm': use one of ['indexed-job', 'jobset', 'tfjob']"),
     (["--checkpoint_dir=ckpt"], "--checkpoint_dir='ckpt': give a bucket URL"),
     (["--checkpoint_size=10Gi"], "--checkpoint_claim/--checkpoint_size describe a volume"),
     (["--name=" + "a" * 61, "--workers=100"], "hostname 'aaaa"),

@@ -1,11 +1,12 @@
 """absl flags that choose and configure a strategy; any training script reuses them.
 
-Importing this module defines the flags. A script then calls `from_flags()`
-inside `main`, after absl has parsed them::
+Importing this module defines the strategy flags on absl's global
+`flags.FLAGS`. A script then calls `from_flags()` inside `main`, after absl
+has parsed them::
 
     from absl import app
     import tfpar
-    from tfpar import flags as tfpar_flags  # defines --strategy, ...
+    from tfpar import flags as tfpar_flags  # defines --strategy, --dp, --tp, ...
 
     def main(argv):
         strategy = tfpar.from_flags()
@@ -14,22 +15,35 @@ inside `main`, after absl has parsed them::
 
     app.run(main)
 
-    $ python train.py --strategy=data --num_simulated_devices=4 --global_batch_size=128
+    $ python train.py --dp=2 --tp=2 --num_simulated_devices=4 --global_batch_size=128
+
+Parallel degrees: `--dp`, `--fsdp`, `--tp`, `--pp` (with `--microbatches`
+and `--schedule`) give a `tfpar.ParallelDims`; `--strategy`, `--mesh`,
+`--pipeline_stages` and `--pipeline_replicas` are shorthands for the same
+thing (`--strategy=tensor --mesh=batch:2,model:2` is `--dp=2 --tp=2`).
+Flags that say different things are refused.
 
 Batch semantics: `--global_batch_size` is the number of examples in one
 optimizer step summed over every replica of every worker (what Keras's
 `batch_size` means under a strategy); `--per_replica_batch_size` is what one
 device sees. Give at most one; the other follows from the replica count.
 
-Bad combinations are rejected when the flags are parsed, before any model is
-built.
+Every group of flags is defined by a function of an `absl.flags.FlagValues`
+(`define_strategy_flags(fv)`, `define_batch_flags(fv)`, ...), so a command
+line of its own can hold exactly the flags it reads; each function also
+registers its validators on that FlagValues, so bad combinations are
+rejected when the flags are parsed, before any model is built.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 from absl import flags
 
 from tfpar.cluster import Cluster, ClusterConfigError, Discovered, discover
+from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 
 STRATEGIES = ("auto", "one_device", "data", "multi_worker", "tensor", "pipeline")
 ALL_REDUCE = ("auto", "nccl", "ring", "hierarchical_copy", "reduce_to_one")
@@ -37,77 +51,185 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Strategies whose flags exist but whose implementation has not landed yet.
 NOT_YET_AVAILABLE: dict[str, str] = {}
 SCHEDULES = ("gpipe", "1f1b")
+DEGREES = ("dp", "fsdp", "tp", "pp")
 
 FLAGS = flags.FLAGS
 
 
-def _define(define, name, *args, **kwargs):
-    # Several tfpar modules (or a user's script, twice) may import this one;
-    # absl refuses to define a flag twice.
-    if name not in FLAGS:
-        define(name, *args, **kwargs)
+def flag_group(define):
+    """Makes `define(fv)` run once per FlagValues.
+
+    A flag group (its flags and their validators) may be asked for by
+    several modules and commands: the strategy flags by `tfpar train` and by
+    any script importing this module, `--global_batch_size` by both the
+    strategy flags and `tfpar plan`. absl refuses to define a flag twice, and
+    a validator registered twice would run twice; the second call on the
+    same FlagValues therefore does nothing::
+
+        @flag_group
+        def define_my_flags(fv):
+            flags.DEFINE_integer("steps", 100, "Optimizer steps.", flag_values=fv)
+
+        define_my_flags(fv); define_my_flags(fv)   # defines --steps once
+    """
+    done = weakref.WeakKeyDictionary()
+
+    @functools.wraps(define)
+    def define_once(fv: flags.FlagValues) -> flags.FlagValues:
+        if fv not in done:
+            done[fv] = True
+            define(fv)
+        return fv
+
+    return define_once
 
 
-_define(flags.DEFINE_enum, "strategy", "auto", STRATEGIES,
-        "How to spread training over devices. auto: multi_worker when a "
-        "cluster is configured (TF_CONFIG or --worker_hosts), data when this "
-        "host has several devices, else one_device.")
-_define(flags.DEFINE_list, "worker_hosts", [],
-        "Comma-separated host:port of every worker, for multi_worker without "
-        "TF_CONFIG. Give the same list to every worker, and each its "
-        "--task_index.")
-_define(flags.DEFINE_string, "chief_host", None,
-        "host:port of a separate chief task (optional: by default worker 0 is "
-        "the chief).")
-_define(flags.DEFINE_enum, "task_type", "worker", ["chief", "worker"],
-        "This process's role with --worker_hosts.")
-_define(flags.DEFINE_integer, "task_index", 0,
-        "This process's index within its role, with --worker_hosts.")
-_define(flags.DEFINE_integer, "num_simulated_devices", 0,
-        "Split the CPU into this many logical devices (for laptops and CI; "
-        "they share the cores, so they show correctness, not speed). 0: off.")
-_define(flags.DEFINE_enum, "all_reduce", "auto", ALL_REDUCE,
+# --------------------------------------------------------------- definitions
+def define_flags(fv: flags.FlagValues, table: dict[str, tuple]) -> None:
+    """Defines every flag of `table` on `fv`: {name: (absl DEFINE function, default, help)}.
+
+        define_flags(fv, {"steps": (flags.DEFINE_integer, 100, "Optimizer steps.")})
+    """
+    for name, (define, default, help_text) in table.items():
+        define(name, default, help_text, flag_values=fv)
+
+
+def enum_flag(values):
+    """The DEFINE function, for `define_flags`, of a flag that takes one of `values`."""
+    def define(name, default, help_text, **kwargs):
+        return flags.DEFINE_enum(name, default, values, help_text, **kwargs)
+    return define
+
+
+@flag_group
+def define_batch_flags(fv: flags.FlagValues) -> None:
+    """--global_batch_size: examples per optimizer step over the whole job."""
+    flags.DEFINE_integer("global_batch_size", None,
+                         "Examples per optimizer step over all replicas and workers.",
+                         flag_values=fv)
+    flags.register_validator("global_batch_size", _positive_or_none("global_batch_size"),
+                             flag_values=fv)
+
+
+@flag_group
+def define_precision_flag(fv: flags.FlagValues) -> None:
+    """--precision: the Keras dtype policy."""
+    flags.DEFINE_enum("precision", "float32", PRECISIONS,
+                      "Keras dtype policy. mixed_float16 adds dynamic loss scaling.",
+                      flag_values=fv)
+
+
+@flag_group
+def define_schedule_flag(fv: flags.FlagValues) -> None:
+    """--schedule: the pipeline schedule."""
+    flags.DEFINE_enum("schedule", "1f1b", SCHEDULES,
+                      "pipeline: gpipe (all forwards, then all backwards; stashes M "
+                      "micro-batches) or 1f1b (same bubble, stashes at most K).",
+                      flag_values=fv)
+
+
+# The strategy flags, in the order --help lists them.
+STRATEGY_FLAGS = {
+    "strategy": (enum_flag(STRATEGIES), "auto",
+        "How to spread training over devices (a shorthand for the degree flags). auto: "
+        "from --dp/--tp/--pp if given, else multi_worker when a cluster is configured "
+        "(TF_CONFIG or --worker_hosts), data when this host has several devices, else "
+        "one_device."),
+    "dp": (flags.DEFINE_integer, None,
+        "Data-parallel degree: replicas that each see a share of every batch (default: "
+        "every local device with --strategy=data)."),
+    "fsdp": (flags.DEFINE_integer, None,
+        "Sharded-data-parallel degree (ZeRO/FSDP); not available in this release."),
+    "tp": (flags.DEFINE_integer, None,
+        "Tensor-parallel degree: devices that split each layer's weights (the mesh's "
+        "model axis)."),
+    "pp": (flags.DEFINE_integer, None,
+        "Pipeline-parallel degree: stages the model's layers are cut into."),
+    "worker_hosts": (flags.DEFINE_list, [],
+        "Comma-separated host:port of every worker, for multi_worker without TF_CONFIG. "
+        "Give the same list to every worker, and each its --task_index."),
+    "chief_host": (flags.DEFINE_string, None,
+        "host:port of a separate chief task (optional: by default worker 0 is the "
+        "chief)."),
+    "task_type": (enum_flag(["chief", "worker"]), "worker",
+        "This process's role with --worker_hosts."),
+    "task_index": (flags.DEFINE_integer, 0,
+        "This process's index within its role, with --worker_hosts."),
+    "num_simulated_devices": (flags.DEFINE_integer, 0,
+        "Split the CPU into this many logical devices (for laptops and CI; they share "
+        "the cores, so they show correctness, not speed). 0: off."),
+    "all_reduce": (enum_flag(ALL_REDUCE), "auto",
         "Gradient all-reduce. data: auto|nccl|hierarchical_copy|reduce_to_one; "
-        "multi_worker: auto|ring|nccl.")
-_define(flags.DEFINE_integer, "pack_bytes", 0,
-        "multi_worker: pack gradients into all-reduces of this many bytes "
-        "(0: TensorFlow's default).")
-_define(flags.DEFINE_float, "collective_timeout", 300.0,
-        "multi_worker: seconds before a stuck all-reduce fails (0: never).")
-_define(flags.DEFINE_float, "heartbeat_timeout", 10.0,
-        "multi_worker: seconds without a heartbeat before a peer is declared "
-        "dead and every worker fails.")
-_define(flags.DEFINE_float, "register_timeout", 300.0,
-        "multi_worker: seconds to wait at start-up for every worker to join "
-        "before failing.")
-_define(flags.DEFINE_integer, "global_batch_size", None,
-        "Examples per optimizer step over all replicas and workers.")
-_define(flags.DEFINE_integer, "per_replica_batch_size", None,
-        "Examples per optimizer step on each replica (device); the global "
-        "batch is this times the number of replicas.")
-_define(flags.DEFINE_string, "mesh", None,
-        "tensor: the device mesh, e.g. 'batch:2,model:2' (batch x model = devices "
-        "over all processes). Default: 'batch:1,model:N' over the N devices.")
-_define(flags.DEFINE_string, "layouts", "megatron",
-        "tensor: how weights are split: 'megatron' (column/row-parallel MLP, "
-        "attention by heads, vocabulary-split embedding) or 'replicated'.")
-_define(flags.DEFINE_integer, "pipeline_stages", 0,
-        "pipeline: number of stages K (0: one per local device, or as many as "
-        "--split_points make). Cuts balance the stages' parameter counts.")
-_define(flags.DEFINE_integer, "microbatches", 1,
+        "multi_worker: auto|ring|nccl."),
+    "pack_bytes": (flags.DEFINE_integer, 0,
+        "multi_worker: pack gradients into all-reduces of this many bytes (0: "
+        "TensorFlow's default)."),
+    "collective_timeout": (flags.DEFINE_float, 300.0,
+        "multi_worker: seconds before a stuck all-reduce fails (0: never)."),
+    "heartbeat_timeout": (flags.DEFINE_float, 10.0,
+        "multi_worker: seconds without a heartbeat before a peer is declared dead and "
+        "every worker fails."),
+    "register_timeout": (flags.DEFINE_float, 300.0,
+        "multi_worker: seconds to wait at start-up for every worker to join before "
+        "failing."),
+    "per_replica_batch_size": (flags.DEFINE_integer, None,
+        "Examples per optimizer step on each replica (device); the global batch is this "
+        "times the number of replicas."),
+    "mesh": (flags.DEFINE_string, None,
+        "tensor: the device mesh, e.g. 'batch:2,model:2' (the same as --dp=2 --tp=2; "
+        "batch x model = devices over all processes). Default: 'batch:1,model:N' over "
+        "the N devices."),
+    "layouts": (flags.DEFINE_string, "megatron",
+        "tensor: how weights are split: 'megatron' (column/row-parallel MLP, attention "
+        "by heads, vocabulary-split embedding) or 'replicated'."),
+    "pipeline_stages": (flags.DEFINE_integer, 0,
+        "pipeline: number of stages K, the same as --pp (0: one per local device, or as "
+        "many as --split_points make). Cuts balance the stages' parameter counts."),
+    "microbatches": (flags.DEFINE_integer, 1,
         "pipeline: micro-batches M per batch; the per-replica batch should divide by "
-        "it. More micro-batches shrink the bubble (K-1)/(M+K-1).")
-_define(flags.DEFINE_enum, "schedule", "1f1b", SCHEDULES,
-        "pipeline: gpipe (all forwards, then all backwards; stashes M micro-batches) "
-        "or 1f1b (same bubble, stashes at most K).")
-_define(flags.DEFINE_list, "split_points", [],
+        "it. More micro-batches shrink the bubble (K-1)/(M+K-1)."),
+    "split_points": (flags.DEFINE_list, [],
         "pipeline: names of the layers that begin stages 1..K-1, e.g. block_2,block_4 "
-        "(default: balanced automatic cuts).")
-_define(flags.DEFINE_integer, "pipeline_replicas", 1,
-        "pipeline: data-parallel copies of the pipeline on this host (stages x "
-        "replicas devices).")
-_define(flags.DEFINE_enum, "precision", "float32", PRECISIONS,
-        "Keras dtype policy. mixed_float16 adds dynamic loss scaling.")
+        "(default: balanced automatic cuts)."),
+    "pipeline_replicas": (flags.DEFINE_integer, 1,
+        "pipeline: data-parallel copies of the pipeline on this host, the same as --dp "
+        "(stages x replicas devices)."),
+}
+
+
+@flag_group
+def define_strategy_flags(fv: flags.FlagValues) -> None:
+    """The flags `from_flags()` reads: strategy, degrees, cluster, batch, precision."""
+    define_batch_flags(fv)
+    define_precision_flag(fv)
+    define_schedule_flag(fv)
+    define_flags(fv, STRATEGY_FLAGS)
+
+    # Each rule is registered on its own, so an error names only its own flags.
+    register = functools.partial(flags.register_validator, flag_values=fv)
+    register_multi = functools.partial(flags.register_multi_flags_validator, flag_values=fv)
+    register("strategy", lambda v: _strategy_available({"strategy": v}),
+             message="--strategy not available")
+    register("mesh", lambda v: v is None or _mesh_ok(v))
+    register("layouts", lambda v: _check(
+        v in ("megatron", "replicated"),
+        f"--layouts={v}: use 'megatron' or 'replicated' (custom LayoutMaps are given in code: "
+        "tfpar.TensorParallel(mesh, layout_map))."))
+    for name in ("num_simulated_devices", "pack_bytes", "collective_timeout"):
+        register(name, _non_negative(name))
+    for name in ("heartbeat_timeout", "register_timeout"):
+        register(name, _positive(name))
+    for name in DEGREES:
+        register(name, _degree(name))
+    register_multi(list(DEGREES), _runnable_degrees)
+    register_multi(["global_batch_size", "per_replica_batch_size"], _one_batch_size)
+    register_multi(["strategy", "worker_hosts", "chief_host", "task_type", "task_index"],
+                   _cluster_hosts)
+    register_multi(["strategy", "all_reduce"], _all_reduce_fits_strategy)
+    register_multi(["strategy", "pipeline_stages", "microbatches", "split_points",
+                    "pipeline_replicas", "num_simulated_devices", "dp", "pp"], _pipeline_flags)
+    register_multi(["strategy", "mesh", "pipeline_stages", "split_points", "pipeline_replicas",
+                    *DEGREES], _shorthands_agree)
 
 
 # ------------------------------------------------------------------ validators
@@ -142,9 +264,13 @@ def _one_batch_size(f) -> bool:
            f"--global_batch_size={f['global_batch_size']} and "
            f"--per_replica_batch_size={f['per_replica_batch_size']} were both "
            "given; give one (global = per_replica x replicas).")
-    for name in ("global_batch_size", "per_replica_batch_size"):
-        _check(f[name] is None or f[name] > 0, f"--{name}={f[name]}: must be > 0.")
-    return True
+    return _positive_or_none("per_replica_batch_size")(f["per_replica_batch_size"])
+
+
+def _positive_or_none(name):
+    def check(value):
+        return _check(value is None or value > 0, f"--{name}={value}: must be > 0.")
+    return check
 
 
 def _non_negative(name):
@@ -157,6 +283,21 @@ def _positive(name):
     def check(value):
         return _check(value > 0, f"--{name}={value}: must be > 0 seconds.")
     return check
+
+
+def _degree(name):
+    def check(value):
+        return _check(value is None or value >= 1,
+                      f"--{name}={value}: a parallel degree is a whole number >= 1 (1 turns "
+                      "that dimension off).")
+    return check
+
+
+def _runnable_degrees(f) -> bool:
+    given = {k: f[k] for k in DEGREES if f[k] is not None and f[k] >= 1}
+    reason = ParallelDims(**given).unsupported()
+    return _check(reason is None, f"{' '.join(f'--{k}={v}' for k, v in given.items())}: "
+                                  f"{reason}.")
 
 
 def _cluster_hosts(f) -> bool:
@@ -192,18 +333,20 @@ def _pipeline_flags(f) -> bool:
                f"--pipeline_stages={stages} but --split_points={','.join(points)} make "
                f"{len(points) + 1} stages; give K-1 split points for K stages, or drop "
                "--pipeline_stages.")
+    pipeline = f["strategy"] == "pipeline" or (f["pp"] or 1) > 1
     pipeline_only = [f"--{n}" for n, default in (("pipeline_stages", 0), ("microbatches", 1),
                                                   ("pipeline_replicas", 1))
                      if f[n] != default] + (["--split_points"] if points else [])
     if pipeline_only:
-        _check(f["strategy"] == "pipeline",
+        _check(pipeline,
                f"{', '.join(pipeline_only)} configure the pipeline, but --strategy="
-               f"{f['strategy']}; add --strategy=pipeline or drop them.")
-    if f["strategy"] == "pipeline" and f["num_simulated_devices"] and (stages or len(points) + 1 > 1):
-        need = max(stages, len(points) + 1) * f["pipeline_replicas"]
-        _check(f["num_simulated_devices"] >= need,
+               f"{f['strategy']}; add --strategy=pipeline (or --pp=K) or drop them.")
+    if pipeline and f["num_simulated_devices"]:
+        need = (max(stages, len(points) + 1, f["pp"] or 0)
+                * max(f["pipeline_replicas"], f["dp"] or 1))
+        _check(need < 2 or f["num_simulated_devices"] >= need,
                f"--num_simulated_devices={f['num_simulated_devices']} is fewer than the "
-               f"{need} devices the pipeline needs (stages x --pipeline_replicas); use "
+               f"{need} devices the pipeline needs (stages x replicas); use "
                f"--num_simulated_devices={need}.")
     return True
 
@@ -222,30 +365,54 @@ def _all_reduce_fits_strategy(f) -> bool:
     return True
 
 
-# Each rule is registered on its own, so an error names only its own flags.
-flags.register_validator("strategy", lambda v: _strategy_available({"strategy": v}),
-                         message="--strategy not available")
-flags.register_validator("mesh", lambda v: v is None or _mesh_ok(v))
-flags.register_validator("layouts", lambda v: _check(
-    v in ("megatron", "replicated"),
-    f"--layouts={v}: use 'megatron' or 'replicated' (custom LayoutMaps are given in code: "
-    "tfpar.TensorParallel(mesh, layout_map))."))
-for _name in ("num_simulated_devices", "pack_bytes", "collective_timeout"):
-    flags.register_validator(_name, _non_negative(_name))
-for _name in ("heartbeat_timeout", "register_timeout"):
-    flags.register_validator(_name, _positive(_name))
-flags.register_multi_flags_validator(
-    ["global_batch_size", "per_replica_batch_size"], _one_batch_size)
-flags.register_multi_flags_validator(
-    ["strategy", "worker_hosts", "chief_host", "task_type", "task_index"], _cluster_hosts)
-flags.register_multi_flags_validator(["strategy", "all_reduce"], _all_reduce_fits_strategy)
-flags.register_multi_flags_validator(
-    ["strategy", "pipeline_stages", "microbatches", "split_points", "pipeline_replicas",
-     "num_simulated_devices"], _pipeline_flags)
+# The degrees each --strategy leaves off (1); the others it leaves to the
+# devices or to the other flags.
+_STRATEGY_OFF = {"one_device": DEGREES, "data": ("fsdp", "tp", "pp"),
+                 "multi_worker": ("fsdp", "tp", "pp"), "tensor": ("fsdp", "pp"),
+                 "pipeline": ("fsdp", "tp")}
+
+
+def _shorthand_degrees(f) -> dict[str, tuple[int, str]]:
+    """The degrees the shorthand flags fix: {degree: (value, the flag that fixes it)}.
+
+    >>> _shorthand_degrees({"strategy": "tensor", "mesh": "batch:2,model:2", ...})
+    {"fsdp": (1, "--strategy=tensor"), "pp": (1, ...), "dp": (2, "--mesh=batch:2,model:2"),
+     "tp": (2, "--mesh=batch:2,model:2")}
+    """
+    strategy = f["strategy"]
+    fixed = {k: (1, f"--strategy={strategy}") for k in _STRATEGY_OFF.get(strategy, ())}
+    if f["mesh"] and strategy in ("auto", "tensor"):
+        try:
+            mesh = ParallelDims.from_mesh(f["mesh"])
+        except ParallelDimsError:
+            mesh = None  # axes other than tfpar's: the mesh is the tensor strategy's alone
+        if mesh is not None:
+            fixed.update({k: (getattr(mesh, k), f"--mesh={f['mesh']}") for k in DEGREES
+                          if getattr(mesh, k) > 1 or k in ("dp", "tp")})
+    if f["split_points"]:
+        fixed["pp"] = (len(f["split_points"]) + 1, f"--split_points={','.join(f['split_points'])}")
+    if f["pipeline_stages"]:
+        fixed["pp"] = (f["pipeline_stages"], f"--pipeline_stages={f['pipeline_stages']}")
+    if f["pipeline_replicas"] != 1:
+        fixed["dp"] = (f["pipeline_replicas"], f"--pipeline_replicas={f['pipeline_replicas']}")
+    return fixed
+
+
+def _shorthands_agree(f) -> bool:
+    fixed = _shorthand_degrees(f)
+    for k in DEGREES:
+        if f[k] is not None and k in fixed and fixed[k][0] != f[k]:
+            value, flag = fixed[k]
+            _check(False, f"{flag} and --{k}={f[k]} disagree: {flag} means --{k}={value}. "
+                          f"Give one of them, or make them agree.")
+    return True
+
+
+define_strategy_flags(FLAGS)
 
 
 # ------------------------------------------------------------- from the flags
-def discover_from_flags() -> Discovered | None:
+def discover_from_flags(flag_values: flags.FlagValues = FLAGS) -> Discovered | None:
     """The cluster the flags name, else the one found where this runs, else None.
 
     Without --worker_hosts, `tfpar.cluster.discover()` looks at TF_CONFIG,
@@ -253,8 +420,9 @@ def discover_from_flags() -> Discovered | None:
     ClusterConfigError if both the flags and the environment name one: two
     sources of truth for a cluster are a mistake waiting to happen.
     """
+    f = flag_values
     found = discover()
-    if FLAGS.worker_hosts:
+    if f.worker_hosts:
         if found is not None:
             source = "TF_CONFIG" if found.source == "TF_CONFIG" else \
                 f"the Kubernetes {found.source} environment"
@@ -264,25 +432,39 @@ def discover_from_flags() -> Discovered | None:
                 "or drop --worker_hosts)."
             )
         return Discovered(Cluster.from_hosts(
-            FLAGS.worker_hosts, task_type=FLAGS.task_type,
-            task_index=FLAGS.task_index, chief_host=FLAGS.chief_host,
+            f.worker_hosts, task_type=f.task_type,
+            task_index=f.task_index, chief_host=f.chief_host,
         ), "flags")
     return found
 
 
-def cluster_from_flags() -> Cluster | None:
+def cluster_from_flags(flag_values: flags.FlagValues = FLAGS) -> Cluster | None:
     """The cluster of `discover_from_flags()`, or None."""
-    found = discover_from_flags()
+    found = discover_from_flags(flag_values)
     return None if found is None else found.cluster
 
 
-def resolve_strategy_name() -> str:
-    """--strategy with "auto" resolved (without building anything)."""
-    if FLAGS.strategy != "auto":
-        return FLAGS.strategy
-    if cluster_from_flags() is not None:
+def _given_degrees(f) -> dict[str, int]:
+    return {k: f[k].value for k in DEGREES if f[k].value is not None}
+
+
+def resolve_strategy_name(flag_values: flags.FlagValues = FLAGS) -> str:
+    """--strategy with "auto" resolved (without building anything).
+
+    auto follows the degree flags (and --mesh) when given; else a cluster
+    means multi_worker, several local devices data, one device one_device.
+    """
+    f = flag_values
+    if f.strategy != "auto":
+        return f.strategy
+    fixed = {k: v for k, (v, _) in _shorthand_degrees(_values(f)).items()}
+    given = fixed | _given_degrees(f)
+    if given:
+        multi_process = cluster_from_flags(f) is not None
+        return ParallelDims(**given).strategy_kind(multi_process=multi_process)
+    if cluster_from_flags(f) is not None:
         return "multi_worker"
-    if FLAGS.num_simulated_devices > 1:
+    if f.num_simulated_devices > 1:
         return "data"
     import tensorflow as tf
 
@@ -291,84 +473,109 @@ def resolve_strategy_name() -> str:
     return "one_device"
 
 
-def from_flags():
-    """Builds the strategy the flags ask for.
+def _values(f) -> dict:
+    return {name: f[name].value for name in f}
+
+
+def _local_device_count(f) -> int:
+    """Devices one process trains on: --num_simulated_devices, else its GPUs or CPUs."""
+    if f.num_simulated_devices:
+        return f.num_simulated_devices
+    from tfpar.devices import local_devices
+
+    return len(local_devices())
+
+
+def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
+    """The parallel degrees the flags give, from the degree flags or their shorthands.
+
+    ::
+
+        --dp=2 --tp=2                                    ParallelDims(dp=2, tp=2)
+        --strategy=tensor --mesh=batch:2,model:2         the same
+        --strategy=pipeline --pipeline_stages=4 --pipeline_replicas=2 --microbatches=8
+                                                         ParallelDims(pp=4, dp=2, microbatches=8)
+        --strategy=data                                  ParallelDims(dp=<local devices>)
+
+    A degree the shorthands leave open is filled from the devices: --strategy=data
+    uses every local device, --strategy=tensor without --mesh or --tp puts them all
+    on the model axis, --strategy=pipeline without --pipeline_stages makes one
+    stage per device. Across workers (multi_worker) dp stays 1 unless --dp is
+    given: the strategy counts every device of every worker.
+    """
+    from tfpar.strategies.tensor.mesh import num_clients
+
+    f = flag_values
+    name = resolve_strategy_name(f)
+    degrees = dict.fromkeys(DEGREES, 1)
+    degrees.update({k: v for k, (v, _) in _shorthand_degrees(_values(f)).items()})
+    given = _given_degrees(f)
+    degrees.update(given)
+    fixed = set(_shorthand_degrees(_values(f))) | set(given)
+    if name == "data" and "dp" not in fixed:
+        degrees["dp"] = _local_device_count(f)
+    elif name == "tensor" and "tp" not in fixed:
+        degrees["tp"] = max(1, _local_device_count(f) * num_clients() // degrees["dp"])
+    elif name == "pipeline" and "pp" not in fixed:
+        degrees["pp"] = max(1, _local_device_count(f) // degrees["dp"])
+    if degrees["pp"] > 1:
+        return ParallelDims(**degrees, microbatches=f.microbatches, schedule=f.schedule)
+    return ParallelDims(**degrees)
+
+
+def from_flags(flag_values: flags.FlagValues = FLAGS):
+    """Builds the strategy the flags ask for: `tfpar.strategies.build(dims_from_flags())`.
 
     Applies --num_simulated_devices and --precision first (both must happen
-    before TensorFlow initializes), then builds OneDevice, DataParallel or
-    MultiWorker. Call it once, at the top of `main`.
+    before TensorFlow initializes), then builds OneDevice, DataParallel,
+    MultiWorker, TensorParallel or Pipeline. Call it once, at the top of
+    `main`. Raises ParallelDimsError when the degrees do not fit the devices.
     """
-    from tfpar import strategies
     from tfpar.devices import simulate_devices
-    from tfpar.strategies.tensor.mesh import num_clients
     from tfpar.precision import set_precision
+    from tfpar.strategies import build
+    from tfpar.strategies.tensor.mesh import num_clients
 
-    name = resolve_strategy_name()
+    f = flag_values
+    name = resolve_strategy_name(f)
     if name == "tensor":
-        _export_dtensor_clients()
+        _export_dtensor_clients(f)
     # A multi-client DTensor mesh makes its own logical devices
     # (dtensor.initialize_accelerator_system); splitting them here would clash.
-    if FLAGS.num_simulated_devices and not (name == "tensor" and num_clients() > 1):
-        simulate_devices(FLAGS.num_simulated_devices)
-    set_precision(FLAGS.precision)
-    if name == "one_device":
-        return strategies.OneDevice()
-    if name == "data":
-        return strategies.DataParallel(all_reduce=FLAGS.all_reduce)
+    if f.num_simulated_devices and not (name == "tensor" and num_clients() > 1):
+        simulate_devices(f.num_simulated_devices)
+    set_precision(f.precision)
+    cluster = None
     if name == "multi_worker":
-        cluster = cluster_from_flags()
+        cluster = cluster_from_flags(f)
         if cluster is None:
             raise ClusterConfigError(
                 "--strategy=multi_worker needs a cluster: run under `tfpar "
                 "launch`, in a pod of `tfpar k8s render`, set TF_CONFIG, or pass "
                 "--worker_hosts and --task_index."
             )
-        return strategies.MultiWorker(
-            cluster=cluster,
-            communication="auto" if FLAGS.all_reduce == "auto" else FLAGS.all_reduce,
-            pack_bytes=FLAGS.pack_bytes,
-            collective_timeout_s=FLAGS.collective_timeout or None,
-            heartbeat_timeout_s=FLAGS.heartbeat_timeout,
-            register_timeout_s=FLAGS.register_timeout,
-        )
-    if name == "tensor":
-        return _tensor_from_flags()
-    if name == "pipeline":
-        from tfpar.strategies.pipeline import Pipeline
-
-        return Pipeline(stages=FLAGS.pipeline_stages or None,
-                        split_points=FLAGS.split_points or None,
-                        microbatches=FLAGS.microbatches, schedule=FLAGS.schedule,
-                        replicas=FLAGS.pipeline_replicas)
-    raise ValueError(f"--strategy={name}: {NOT_YET_AVAILABLE.get(name, 'unknown')}")
+    return build(
+        dims_from_flags(f), cluster=cluster, layouts=f.layouts,
+        split_points=f.split_points or None, all_reduce=f.all_reduce,
+        num_local_devices=f.num_simulated_devices or None,
+        multi_worker={"pack_bytes": f.pack_bytes,
+                      "collective_timeout_s": f.collective_timeout or None,
+                      "heartbeat_timeout_s": f.heartbeat_timeout,
+                      "register_timeout_s": f.register_timeout})
 
 
-def _export_dtensor_clients():
+def _export_dtensor_clients(f):
     """In a Kubernetes pod (or with TF_CONFIG / --worker_hosts) the discovered
     cluster is the DTensor client list, unless a launcher already set it."""
     import os
 
-    cluster = cluster_from_flags()
+    cluster = cluster_from_flags(f)
     if cluster is not None and "DTENSOR_JOBS" not in os.environ:
         os.environ.update(cluster.dtensor_env())
 
 
-def _tensor_from_flags():
-    from tfpar.strategies.tensor.mesh import num_clients
-    from tfpar.strategies import TensorParallel
-
-    mesh = FLAGS.mesh
-    if mesh is None:
-        import tensorflow as tf
-
-        devices = (len(tf.config.list_logical_devices("GPU"))
-                   or len(tf.config.list_logical_devices("CPU")))
-        mesh = f"batch:1,model:{devices * num_clients()}"
-    return TensorParallel(mesh, FLAGS.layouts,
-                          num_local_devices=FLAGS.num_simulated_devices or None)
-
-
-def global_batch_size(strategy, default: int | None = None) -> int:
+def global_batch_size(strategy, default: int | None = None,
+                      flag_values: flags.FlagValues = FLAGS) -> int:
     """The global batch the flags ask for, checked against the replica count.
 
     --per_replica_batch_size wins if given; else --global_batch_size; else
@@ -376,9 +583,10 @@ def global_batch_size(strategy, default: int | None = None) -> int:
     """
     from tfpar.data import resolve_global_batch_size
 
+    f = flag_values
     return resolve_global_batch_size(
         strategy,
-        global_batch_size=FLAGS.global_batch_size
-        if FLAGS.global_batch_size or FLAGS.per_replica_batch_size else default,
-        per_replica_batch_size=FLAGS.per_replica_batch_size,
+        global_batch_size=f.global_batch_size
+        if f.global_batch_size or f.per_replica_batch_size else default,
+        per_replica_batch_size=f.per_replica_batch_size,
     )

@@ -173,12 +173,12 @@ class JobSpec:
             return [f"{self.name}-{JOBSET_REPLICATED_JOB}-0-{i}" for i in range(self.workers)]
         if fmt == "tfjob":
             return [f"{self.name}-worker-{i}" for i in range(self.workers)]
-        raise K8sSpecError(f"--format={fmt!r}: use one of {list(FORMATS)}.")
+        raise K8sSpecError(f"--kind={fmt!r}: use one of {list(FORMATS)}.")
 
     def check_format(self, fmt: str) -> None:
         longest = self.pod_hostnames(fmt)[-1]
         _check(len(longest) <= 63,
-               f"--name={self.name!r} is too long for --format={fmt} with "
+               f"--name={self.name!r} is too long for --kind={fmt} with "
                f"{self.workers} workers: the last pod's hostname {longest!r} has "
                f"{len(longest)} characters and Kubernetes allows 63. Shorten the name "
                f"to at most {len(self.name) - (len(longest) - 63)} characters.")
@@ -407,7 +407,7 @@ _RENDERERS = {"indexed-job": indexed_job, "jobset": jobset, "tfjob": tfjob}
 def render(spec: JobSpec, fmt: str = "indexed-job") -> list[dict]:
     """The Kubernetes objects of `spec` in format `fmt` (see FORMATS)."""
     if fmt not in _RENDERERS:
-        raise K8sSpecError(f"--format={fmt!r}: use one of {list(FORMATS)}.")
+        raise K8sSpecError(f"--kind={fmt!r}: use one of {list(FORMATS)}.")
     spec.check_format(fmt)
     return _RENDERERS[fmt](spec)
 

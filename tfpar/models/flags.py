@@ -6,6 +6,14 @@
     --model=mini --layers=8 --seq_len=256   # a preset, changed
     --layers=24 --hidden=2048 --heads=16 --vocab=50304 --seq_len=2048
 
+`define_model_flags(fv)` defines them on a FlagValues;
+`config_from_flags(flag_values=fv)` reads the shape once they are parsed::
+
+    fv = flags.FlagValues()
+    define_model_flags(fv)
+    fv(["prog", "--model=mini", "--layers=8"])
+    config_from_flags(flag_values=fv).layers    # 8
+
 No TensorFlow is imported here.
 """
 
@@ -15,27 +23,29 @@ import dataclasses
 
 from absl import flags
 
+from tfpar.flags import flag_group
 from tfpar.models.shapes import SIZES, GPTConfig
 
-FLAGS = flags.FLAGS
-
-
-def _define(define, name, *args, **kwargs):
-    if name not in FLAGS:
-        define(name, *args, **kwargs)
-
-
-_define(flags.DEFINE_string, "model", None,
-        f"GPT size preset: {', '.join(SIZES)} (train default: tiny). The shape flags "
-        "below override its dimensions.")
-_define(flags.DEFINE_integer, "layers", None, "GPT: transformer blocks.")
-_define(flags.DEFINE_integer, "hidden", None, "GPT: hidden width (d_model).")
-_define(flags.DEFINE_integer, "heads", None, "GPT: attention heads (must divide --hidden).")
-_define(flags.DEFINE_integer, "vocab", None,
-        "GPT: vocabulary size (plan only; tfpar train takes it from the tokenizer).")
-_define(flags.DEFINE_integer, "seq_len", None, "GPT: context length in tokens.")
-
 SHAPE_FLAGS = ("layers", "hidden", "heads", "vocab", "seq_len")
+_SHAPE_HELP = {
+    "layers": "GPT: transformer blocks.",
+    "hidden": "GPT: hidden width (d_model).",
+    "heads": "GPT: attention heads (must divide --hidden).",
+    "vocab": "GPT: vocabulary size (plan only; tfpar train takes it from the tokenizer).",
+    "seq_len": "GPT: context length in tokens.",
+}
+
+
+@flag_group
+def define_model_flags(fv: flags.FlagValues) -> None:
+    """--model and the shape flags (--layers, --hidden, --heads, --vocab, --seq_len)."""
+    flags.DEFINE_string("model", None,
+                        f"GPT size preset: {', '.join(SIZES)} (train default: tiny). The shape "
+                        "flags override its dimensions.", flag_values=fv)
+    for name in SHAPE_FLAGS:
+        flags.DEFINE_integer(name, None, _SHAPE_HELP[name], flag_values=fv)
+    flags.register_validator("model", _known_model, flag_values=fv)
+    flags.register_multi_flags_validator(list(SHAPE_FLAGS), _positive_shape, flag_values=fv)
 
 
 def _known_model(value) -> bool:
@@ -52,19 +62,17 @@ def _positive_shape(values) -> bool:
     return True
 
 
-flags.register_validator("model", _known_model)
-flags.register_multi_flags_validator(list(SHAPE_FLAGS), _positive_shape)
-
-
-def config_from_flags(default: str | None = None, **fixed) -> GPTConfig:
+def config_from_flags(default: str | None = None, flag_values: flags.FlagValues = flags.FLAGS,
+                      **fixed) -> GPTConfig:
     """The GPT shape the flags give: --model (else `default`) with the shape
     flags applied, then `fixed` (values the caller decides, e.g. the vocab).
 
     Raises ValueError naming what is missing when there is no preset and not
     every dimension is given, or when the shape is inconsistent.
     """
-    name = FLAGS.model or default
-    given = {n: FLAGS[n].value for n in SHAPE_FLAGS if FLAGS[n].value is not None}
+    f = flag_values
+    name = f.model or default
+    given = {n: f[n].value for n in SHAPE_FLAGS if f[n].value is not None}
     given.update(fixed)
     if name is None:
         missing = [f"--{n}" for n in SHAPE_FLAGS if n not in given]

@@ -1,72 +1,89 @@
 """absl flags of `tfpar plan`, and the Workload and Hardware they describe.
 
 The model shape is `tfpar.models.flags` (--model, --layers, ...); the global
-batch, --precision and --schedule are tfpar's strategy flags, with the same
-meaning as for training. No TensorFlow is imported.
+batch, --precision and --schedule are defined by the same functions as the
+strategy flags (`tfpar.flags`), so they mean the same as for training. No
+TensorFlow is imported::
+
+    fv = flags.FlagValues()
+    define_plan_flags(fv)
+    fv(["plan", "--model=gpt3-175b", "--devices=1024", "--global_batch_size=1536"])
+    recommend(workload_from_flags(fv), hardware_from_flags(fv))
 """
 
 from __future__ import annotations
 
 from absl import flags
 
-from tfpar import flags as tfpar_flags  # noqa: F401  (--global_batch_size, --precision, --schedule)
+from tfpar import flags as tfpar_flags
 from tfpar.models import flags as model_flags
 from tfpar.plan.cost import ACCELERATORS, Hardware, Workload
 
-FLAGS = flags.FLAGS
+FORMATS = ("table", "json")
+
+PLAN_FLAGS = {
+    "devices": (flags.DEFINE_integer, None, "Devices (GPUs) in the job."),
+    "devices_per_node": (flags.DEFINE_integer, 8, "Devices per node (host)."),
+    "accelerator": (tfpar_flags.enum_flag(list(ACCELERATORS)), "a100-80gb",
+        "The device type; sets the defaults of --device_memory, --device_tflops, "
+        "--intra_node_bandwidth and --inter_node_bandwidth."),
+    "device_memory": (flags.DEFINE_float, None, "GiB of memory per device."),
+    "device_tflops": (flags.DEFINE_float, None,
+        "Peak dense TFLOP/s per device at the --precision's compute dtype."),
+    "intra_node_bandwidth": (flags.DEFINE_float, None,
+        "GB/s per device and direction between devices of one node (NVLink)."),
+    "inter_node_bandwidth": (flags.DEFINE_float, None,
+        "GB/s per device and direction between nodes (its share of the network)."),
+    "efficiency": (flags.DEFINE_float, 0.5,
+        "Fraction of peak FLOP/s the matmuls achieve (0.4-0.6 on large GPU jobs)."),
+    "recompute": (flags.DEFINE_bool, False,
+        "Assume full activation recomputation (published large-model runs use it; "
+        "tfpar's runtime does not)."),
+    "runnable_only": (flags.DEFINE_bool, False,
+        "Only layouts tfpar can run today (no tensor x pipeline, pipelines on one "
+        "host)."),
+    "top": (flags.DEFINE_integer, 12, "Candidates shown in the table."),
+    "format": (tfpar_flags.enum_flag(FORMATS), "table", "Print a table or JSON."),
+    "timeline_png": (flags.DEFINE_string, None,
+        "Also draw the chosen pipeline's GPipe and 1F1B timelines to this PNG."),
+}
 
 
-def _define(define, name, *args, **kwargs):
-    if name not in FLAGS:
-        define(name, *args, **kwargs)
+@tfpar_flags.flag_group
+def define_plan_flags(fv: flags.FlagValues) -> None:
+    """The flags of `tfpar plan`: the cluster's hardware and the search, with the
+    model shape, --global_batch_size, --precision and --schedule."""
+    model_flags.define_model_flags(fv)
+    tfpar_flags.define_batch_flags(fv)
+    tfpar_flags.define_precision_flag(fv)
+    tfpar_flags.define_schedule_flag(fv)
+    tfpar_flags.define_flags(fv, PLAN_FLAGS)
 
 
-_define(flags.DEFINE_integer, "devices", None, "plan: devices (GPUs) in the job.")
-_define(flags.DEFINE_integer, "devices_per_node", 8, "plan: devices per node (host).")
-_define(flags.DEFINE_enum, "accelerator", "a100-80gb", list(ACCELERATORS),
-        "plan: the device type; sets the defaults of the four flags below.")
-_define(flags.DEFINE_float, "device_memory", None, "plan: GiB of memory per device.")
-_define(flags.DEFINE_float, "device_tflops", None,
-        "plan: peak dense TFLOP/s per device at the --precision's compute dtype.")
-_define(flags.DEFINE_float, "intra_node_bandwidth", None,
-        "plan: GB/s per device and direction between devices of one node (NVLink).")
-_define(flags.DEFINE_float, "inter_node_bandwidth", None,
-        "plan: GB/s per device and direction between nodes (its share of the network).")
-_define(flags.DEFINE_float, "efficiency", 0.5,
-        "plan: fraction of peak FLOP/s the matmuls achieve (0.4-0.6 on large GPU jobs).")
-_define(flags.DEFINE_bool, "recompute", False,
-        "plan: assume full activation recomputation (published large-model runs use it; "
-        "tfpar's runtime does not).")
-_define(flags.DEFINE_bool, "runnable_only", False,
-        "plan: only layouts tfpar can run today (no tensor x pipeline, pipelines on one host).")
-_define(flags.DEFINE_integer, "top", 12, "plan: candidates shown in the table.")
-_define(flags.DEFINE_string, "timeline_png", None,
-        "plan: also draw the chosen pipeline's GPipe and 1F1B timelines to this PNG.")
-
-
-def workload_from_flags() -> Workload:
-    if not FLAGS.global_batch_size:
+def workload_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Workload:
+    f = flag_values
+    if not f.global_batch_size:
         raise ValueError("--global_batch_size is required: sequences per optimizer step "
                          "over the whole job (e.g. 1536 for GPT-3 175B).")
-    return Workload(model_flags.config_from_flags(), FLAGS.global_batch_size,
-                    precision=FLAGS.precision, schedule=FLAGS.schedule,
-                    recompute=FLAGS.recompute)
+    return Workload(model_flags.config_from_flags(flag_values=f), f.global_batch_size,
+                    precision=f.precision, schedule=f.schedule, recompute=f.recompute)
 
 
-def hardware_from_flags() -> Hardware:
-    if not FLAGS.devices:
+def hardware_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Hardware:
+    f = flag_values
+    if not f.devices:
         raise ValueError("--devices is required: how many devices the job may use.")
-    preset = ACCELERATORS[FLAGS.accelerator]
-    sixteen_bit = FLAGS.precision != "float32"
+    preset = ACCELERATORS[f.accelerator]
+    sixteen_bit = f.precision != "float32"
 
     def pick(flag, default):
-        value = FLAGS[flag].value
+        value = f[flag].value
         return default if value is None else value
 
     return Hardware(
-        devices=FLAGS.devices, devices_per_node=FLAGS.devices_per_node,
+        devices=f.devices, devices_per_node=f.devices_per_node,
         memory_gib=pick("device_memory", preset["memory_gib"]),
         peak_tflops=pick("device_tflops", preset["tflops16" if sixteen_bit else "tflops32"]),
         intra_node_gbps=pick("intra_node_bandwidth", preset["intra"]),
         inter_node_gbps=pick("inter_node_bandwidth", preset["inter"]),
-        efficiency=FLAGS.efficiency)
+        efficiency=f.efficiency)

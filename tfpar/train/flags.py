@@ -1,9 +1,17 @@
 """absl flags of `tfpar train`, and the TrainConfig they make.
 
-The strategy flags (`--strategy`, `--num_simulated_devices`, `--mesh`,
-`--pipeline_stages`, `--global_batch_size`, ...) are tfpar's own
-(`tfpar.flags`); the model shape flags are `tfpar.models.flags`. No
-TensorFlow is imported here, so the CLI starts fast.
+The strategy flags (`--strategy`, `--dp`, `--tp`, `--pp`,
+`--num_simulated_devices`, `--mesh`, `--global_batch_size`, ...) are tfpar's
+own (`tfpar.flags`); the model shape flags are `tfpar.models.flags`.
+`define_train_flags(fv)` defines all three groups on one FlagValues::
+
+    fv = flags.FlagValues()
+    define_train_flags(fv)
+    fv(["train", "--dp=2", "--train_steps=200"])
+    strategy = tfpar.from_flags(fv)
+    tfpar.train.run(config_from_flags(strategy, flag_values=fv), strategy)
+
+No TensorFlow is imported here, so the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -12,75 +20,61 @@ import dataclasses
 
 from absl import flags
 
-from tfpar import flags as tfpar_flags  # noqa: F401  (the strategy flags)
-from tfpar.models import flags as model_flags  # noqa: F401  (--model, --layers, ...)
+from tfpar import flags as tfpar_flags
+from tfpar.models import flags as model_flags
 from tfpar.train.config import TrainConfig, TrainConfigError
 
-FLAGS = flags.FLAGS
 DEFAULTS = TrainConfig()  # one home for the defaults: the flags show TrainConfig's
-
-
-def _define(define, name, *args, **kwargs):
-    if name not in FLAGS:
-        define(name, *args, **kwargs)
-
-
-# Data.
-_define(flags.DEFINE_string, "dataset", DEFAULTS.dataset,
-        "train: TFDS dataset of text. Default: the Python standard library's source files "
-        "(prepared locally, no download). Others must be prepared in --data_dir.")
-_define(flags.DEFINE_string, "data_dir", DEFAULTS.data_dir,
-        "train: TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-_define(flags.DEFINE_string, "text_key", DEFAULTS.text_key,
-        "train: the TFDS feature holding the text.")
-_define(flags.DEFINE_string, "text_files", DEFAULTS.text_files,
-        "train: a glob of local text files to train on instead of --dataset (each file is a "
-        "document; 1 window in 20 is held out for validation).")
-_define(flags.DEFINE_string, "train_split", DEFAULTS.train_split,
-        "train: TFDS split to train on.")
-_define(flags.DEFINE_string, "eval_split", DEFAULTS.eval_split,
-        "train: TFDS split to evaluate on (if the dataset lacks it, 1 training window in 20 "
-        "is held out).")
-_define(flags.DEFINE_bool, "download", DEFAULTS.download,
-        "train: let TFDS download --dataset if it is not prepared (needs internet).")
-_define(flags.DEFINE_string, "tokenizer", DEFAULTS.tokenizer,
-        "train: 'bytes' (UTF-8 bytes, 256 ids) or 'package.module:name' of a tokenizer with "
-        "vocab_size, encode and decode (see tfpar.data.text.Tokenizer).")
-# Optimization.
-_define(flags.DEFINE_integer, "train_steps", DEFAULTS.train_steps, "train: optimizer steps in all.")
-_define(flags.DEFINE_integer, "eval_every", DEFAULTS.eval_every,
-        "train: evaluate and checkpoint every this many optimizer steps.")
-_define(flags.DEFINE_integer, "eval_batches", DEFAULTS.eval_batches,
-        "train: global batches per evaluation.")
-_define(flags.DEFINE_float, "learning_rate", DEFAULTS.learning_rate,
-        "train: peak learning rate (AdamW).")
-_define(flags.DEFINE_integer, "warmup_steps", DEFAULTS.warmup_steps, "train: linear warm-up steps.")
-_define(flags.DEFINE_integer, "lr_decay_steps", DEFAULTS.lr_decay_steps,
-        "train: the cosine decay ends here (default --train_steps).")
-_define(flags.DEFINE_float, "min_lr_ratio", DEFAULTS.min_lr_ratio,
-        "train: final learning rate / peak.")
-_define(flags.DEFINE_float, "weight_decay", DEFAULTS.weight_decay,
-        "train: AdamW decoupled weight decay.")
-_define(flags.DEFINE_float, "clip_norm", DEFAULTS.clip_norm,
-        "train: clip gradients to this global norm (after the all-reduce); 0: off.")
-_define(flags.DEFINE_integer, "grad_accum_steps", DEFAULTS.grad_accum_steps,
-        "train: global batches whose gradients are averaged into one optimizer step.")
-_define(flags.DEFINE_float, "dropout", DEFAULTS.dropout, "train: dropout rate in the blocks.")
-_define(flags.DEFINE_integer, "seed", DEFAULTS.seed, "train: initialization and data order.")
-# Outputs.
-_define(flags.DEFINE_string, "output_dir", DEFAULTS.output_dir,
-        "train: checkpoint, TensorBoard logs, loss.png, sample.txt, model.keras, "
-        "summary.json. A run given a directory with a checkpoint resumes from it.")
-_define(flags.DEFINE_integer, "sample_tokens", DEFAULTS.sample_tokens,
-        "train: tokens to generate at the end.")
-_define(flags.DEFINE_string, "sample_prompt", DEFAULTS.sample_prompt, "train: the sample's prompt.")
-_define(flags.DEFINE_float, "temperature", DEFAULTS.temperature, "train: sampling temperature.")
-_define(flags.DEFINE_integer, "top_k", DEFAULTS.top_k,
-        "train: sample from the k most likely tokens.")
-_define(flags.DEFINE_float, "peak_tflops", DEFAULTS.peak_tflops,
-        "train: peak TFLOP/s per device for MFU (default: the GPU's data sheet, or a "
-        "measured matmul on CPUs).")
-
+# Flag name -> (its absl DEFINE function, help); the default is TrainConfig's.
+TRAIN_FLAGS = {
+    # Data.
+    "dataset": (flags.DEFINE_string,
+        "TFDS dataset of text. Default: the Python standard library's source files "
+        "(prepared locally, no download). Others must be prepared in --data_dir."),
+    "data_dir": (flags.DEFINE_string,
+        "TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets)."),
+    "text_key": (flags.DEFINE_string, "The TFDS feature holding the text."),
+    "text_files": (flags.DEFINE_string,
+        "A glob of local text files to train on instead of --dataset (each file is a "
+        "document; 1 window in 20 is held out for validation)."),
+    "train_split": (flags.DEFINE_string, "TFDS split to train on."),
+    "eval_split": (flags.DEFINE_string,
+        "TFDS split to evaluate on (if the dataset lacks it, 1 training window in 20 "
+        "is held out)."),
+    "download": (flags.DEFINE_bool,
+        "Let TFDS download --dataset if it is not prepared (needs internet)."),
+    "tokenizer": (flags.DEFINE_string,
+        "'bytes' (UTF-8 bytes, 256 ids) or 'package.module:name' of a tokenizer with "
+        "vocab_size, encode and decode (see tfpar.data.text.Tokenizer)."),
+    # Optimization.
+    "train_steps": (flags.DEFINE_integer, "Optimizer steps in all."),
+    "eval_every": (flags.DEFINE_integer,
+        "Evaluate and checkpoint every this many optimizer steps."),
+    "eval_batches": (flags.DEFINE_integer, "Global batches per evaluation."),
+    "learning_rate": (flags.DEFINE_float, "Peak learning rate (AdamW)."),
+    "warmup_steps": (flags.DEFINE_integer, "Linear warm-up steps."),
+    "lr_decay_steps": (flags.DEFINE_integer,
+        "The cosine decay ends here (default --train_steps)."),
+    "min_lr_ratio": (flags.DEFINE_float, "Final learning rate / peak."),
+    "weight_decay": (flags.DEFINE_float, "AdamW decoupled weight decay."),
+    "clip_norm": (flags.DEFINE_float,
+        "Clip gradients to this global norm (after the all-reduce); 0: off."),
+    "grad_accum_steps": (flags.DEFINE_integer,
+        "Global batches whose gradients are averaged into one optimizer step."),
+    "dropout": (flags.DEFINE_float, "Dropout rate in the blocks."),
+    "seed": (flags.DEFINE_integer, "Initialization and data order."),
+    # Outputs.
+    "output_dir": (flags.DEFINE_string,
+        "Checkpoint, TensorBoard logs, loss.png, sample.txt, model.keras, "
+        "summary.json. A run given a directory with a checkpoint resumes from it."),
+    "sample_tokens": (flags.DEFINE_integer, "Tokens to generate at the end."),
+    "sample_prompt": (flags.DEFINE_string, "The sample's prompt."),
+    "temperature": (flags.DEFINE_float, "Sampling temperature."),
+    "top_k": (flags.DEFINE_integer, "Sample from the k most likely tokens."),
+    "peak_tflops": (flags.DEFINE_float,
+        "Peak TFLOP/s per device for MFU (default: the GPU's data sheet, or a "
+        "measured matmul on CPUs)."),
+}
 
 _FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
            if f.name not in ("global_batch_size", "model")]
@@ -98,16 +92,24 @@ def _valid(values) -> bool:
     return True
 
 
-flags.register_multi_flags_validator(_CHECKED, _valid)
+@tfpar_flags.flag_group
+def define_train_flags(fv: flags.FlagValues) -> None:
+    """The flags of `tfpar train`: its own, the model shape and the strategy flags."""
+    model_flags.define_model_flags(fv)
+    tfpar_flags.define_strategy_flags(fv)
+    for name, (define, help_text) in TRAIN_FLAGS.items():
+        define(name, getattr(DEFAULTS, name), help_text, flag_values=fv)
+    flags.register_multi_flags_validator(_CHECKED, _valid, flag_values=fv)
 
 
-def config_from_flags(strategy) -> TrainConfig:
+def config_from_flags(strategy, flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
     """The TrainConfig the flags describe, for `strategy` (the batch is checked
     against its replicas)."""
-    if FLAGS["vocab"].present:
+    f = flag_values
+    if f["vocab"].present:
         raise TrainConfigError("--vocab: tfpar train takes the vocabulary size from the "
                                "tokenizer (--tokenizer); drop --vocab.")
-    values = {name: FLAGS[name].value for name in _FIELDS}
-    return TrainConfig(**values, model=FLAGS.model or DEFAULTS.model,
+    values = {name: f[name].value for name in _FIELDS}
+    return TrainConfig(**values, model=f.model or DEFAULTS.model,
                        global_batch_size=tfpar_flags.global_batch_size(
-                           strategy, default=DEFAULTS.global_batch_size))
+                           strategy, default=DEFAULTS.global_batch_size, flag_values=f))
