@@ -19,7 +19,7 @@ def test_mesh_axes_run_outermost_pipeline_then_data_sharded_data_tensor():
                                                ("model", 8)]
     assert ParallelDims(dp=2, tp=2).mesh_spec() == "batch:2,model:2"
     assert ParallelDims(tp=4).mesh_spec() == "batch:1,model:4"
-    assert ParallelDims(dp=3).mesh_spec() == "batch:3"
+    assert ParallelDims(dp=3).mesh_spec() == "batch:3,model:1"
 
 
 @pytest.mark.parametrize("spec, dims", [

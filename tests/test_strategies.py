@@ -94,6 +94,15 @@ def test_build_runs_the_degrees_it_is_given(dims, kind):
     assert strategy.kind == kind and strategy.dims == dims
 
 
+def test_a_named_strategy_runs_degrees_it_can_hold():
+    # A model axis of 1 is still tensor parallelism when asked for: DTensor data parallelism.
+    strategy = build(ParallelDims(dp=4), kind="tensor")
+    assert strategy.kind == "tensor" and strategy.mesh_shape == {"batch": 4, "model": 1}
+    with pytest.raises(ParallelDimsError, match=r"the data strategy cannot run dp 2 x tp 2 "
+                                                r"\(tp=2\); these degrees run as tensor"):
+        build(ParallelDims(dp=2, tp=2), kind="data")
+
+
 @pytest.mark.parametrize("dims, message", [
     (ParallelDims(fsdp=2), "sharded data parallelism (fsdp=2) is not available"),
     (ParallelDims(tp=2, pp=2), "tensor x pipeline parallelism (tp=2, pp=2)"),

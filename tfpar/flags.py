@@ -555,7 +555,7 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
                 "--worker_hosts and --task_index."
             )
     return build(
-        dims_from_flags(f), cluster=cluster, layouts=f.layouts,
+        dims_from_flags(f), kind=name, cluster=cluster, layouts=f.layouts,
         split_points=f.split_points or None, all_reduce=f.all_reduce,
         num_local_devices=f.num_simulated_devices or None,
         multi_worker={"pack_bytes": f.pack_bytes,

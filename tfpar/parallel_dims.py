@@ -163,13 +163,13 @@ class ParallelDims:
                 if getattr(self, field) > 1 or axis == "batch"}
 
     def mesh_spec(self, pipeline_axis: bool = False) -> str:
-        """The mesh as tfpar writes it ("batch:2,model:2"); the tensor strategy's mesh
-        has no pipeline axis (each stage has its own), unless `pipeline_axis`."""
+        """The tensor strategy's mesh as tfpar writes it ("batch:2,model:2"): always a
+        batch and a model axis; no pipeline axis (each stage has its own mesh)
+        unless `pipeline_axis`."""
         shape = self.mesh_shape()
         if not pipeline_axis:
             shape.pop("pipeline", None)
-        if self.tp_enabled or "model" in shape:
-            shape.setdefault("model", self.tp)
+        shape["model"] = self.tp
         return ",".join(f"{axis}:{size}" for axis, size in shape.items())
 
     @classmethod

@@ -21,13 +21,21 @@ from __future__ import annotations
 from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 
 
-def build(dims: ParallelDims, *, cluster=None, layouts="megatron", split_points=None,
-          all_reduce: str = "auto", num_local_devices: int | None = None,
+# The degrees each strategy can run besides data replicas.
+_RUNS = {"one_device": (), "data": (), "multi_worker": (), "tensor": ("tp",),
+         "pipeline": ("pp",)}
+
+
+def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts="megatron",
+          split_points=None, all_reduce: str = "auto", num_local_devices: int | None = None,
           multi_worker: dict | None = None):
     """Builds the tfpar strategy that runs `dims`.
 
     Args:
       dims: the degrees.
+      kind: the strategy to run them with, when the user named one (a tensor
+        mesh with a model axis of 1 is still `TensorParallel`); default: the
+        one `dims.strategy_kind()` picks.
       cluster: a `tfpar.cluster.Cluster` when this process is one of several
         (data parallelism across workers, or a multi-client tensor mesh).
       layouts: `TensorParallel`'s LayoutMap or preset name.
@@ -42,7 +50,16 @@ def build(dims: ParallelDims, *, cluster=None, layouts="megatron", split_points=
     from tfpar import strategies
     from tfpar.devices import local_devices
 
-    kind = dims.strategy_kind(multi_process=cluster is not None)
+    default = dims.strategy_kind(multi_process=cluster is not None)
+    kind = kind or default
+    if kind not in _RUNS:
+        raise ParallelDimsError(f"strategy {kind!r}: use one of {sorted(_RUNS)}.")
+    extra = [f"{k}={getattr(dims, k)}" for k in ("tp", "pp")
+             if getattr(dims, k) > 1 and k not in _RUNS[kind]]
+    if extra or (kind == "one_device" and dims.world_size > 1):
+        raise ParallelDimsError(
+            f"the {kind} strategy cannot run {dims} ({', '.join(extra) or f'dp={dims.dp}'}); "
+            f"these degrees run as {default}.")
     if kind == "one_device":
         return strategies.OneDevice()
     if kind == "data":
