@@ -76,13 +76,21 @@ def pytest_runtest_makereport(item, call):
         item.stash[_CALL_FAILED] = report.failed
 
 
+def _shell_words(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError:  # unbalanced quotes: the shell will say so; check the words anyway
+        return line.split()
+
+
 def _starts_python_or_tfpar(args, executable=None, shell=False) -> bool:
+    """Whether Popen(args, executable=..., shell=...) starts a Python interpreter or `tfpar`."""
     if isinstance(args, (str, bytes, os.PathLike)):
         args = [args]
     words = [os.fsdecode(a) for a in args]
-    if shell or isinstance(args, str):
+    if shell:
         # A shell command line: any word may start an interpreter.
-        words = [w for line in words for w in shlex.split(line)]
+        words = [w for line in words for w in _shell_words(line)]
     else:
         words = words[:1]
         if words and os.path.basename(words[0]) == "env":  # env [-i] [NAME=value ...] PROGRAM
