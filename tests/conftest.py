@@ -4,9 +4,16 @@ The in-process tests run on 4 simulated CPU devices: TensorFlow's devices are
 fixed at its first op, so they are split here, before any test runs.
 Multi-process tests (marked `multiprocess`) start real worker processes with
 `tfpar launch` or by hand and run in their own fresh TensorFlow.
+
+A test that starts a Python interpreter or the `tfpar` command must be
+marked `multiprocess`, so that `pytest -m "not multiprocess"` runs only the
+in-process tests: the autouse fixture `only_multiprocess_tests_start_python`
+fails any other test that tries (other programs, such as `ip`, are allowed).
 """
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -55,3 +62,71 @@ def worker_command(*flags):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+_PYTHON = re.compile(r"python[0-9.]*$")
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+
+
+def _shell_words(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError:  # unbalanced quotes: the shell will say so; check the words anyway
+        return line.split()
+
+
+def _starts_python_or_tfpar(args, executable=None, shell=False) -> bool:
+    """Whether Popen(args, executable=..., shell=...) starts a Python interpreter or `tfpar`."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = [args]
+    words = [os.fsdecode(a) for a in args]
+    if shell:
+        # A shell command line: any word may start an interpreter.
+        words = [w for line in words for w in _shell_words(line)]
+    else:
+        words = words[:1]
+        if words and os.path.basename(words[0]) == "env":  # env [-i] [NAME=value ...] PROGRAM
+            words = [w for w in map(os.fsdecode, args[1:])
+                     if not w.startswith("-") and "=" not in w][:1]
+    if executable is not None:
+        words.append(os.fsdecode(executable))
+    python = os.path.realpath(sys.executable)
+    return any(_PYTHON.match(os.path.basename(w)) or os.path.basename(w) == "tfpar"
+               or os.path.realpath(w) == python for w in words)
+
+
+@pytest.fixture(autouse=True)
+def only_multiprocess_tests_start_python(request, monkeypatch):
+    """Fails a test not marked `multiprocess` that starts python or `tfpar`."""
+    if request.node.get_closest_marker("multiprocess"):
+        yield
+        return
+    refused = []
+    upstream_init = subprocess.Popen.__init__
+
+    def guarded_init(self, args, *rest, **kwargs):
+        if _starts_python_or_tfpar(args, kwargs.get("executable"), kwargs.get("shell", False)):
+            command = args if isinstance(args, (str, bytes)) else shlex.join(map(str, args))
+            refused.append(command)
+            pytest.fail(
+                f"{request.node.nodeid} starts `{command[:200]}` but is not marked "
+                "multiprocess; add @pytest.mark.multiprocess (`pytest -m \"not multiprocess\"` "
+                "must run in-process tests only)", pytrace=False)
+        upstream_init(self, args, *rest, **kwargs)
+
+    # Patched on the class: subprocess.run, check_output and any module that
+    # imported Popen by name all go through it.
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
+    yield
+    # Started from a thread, or the failure above was caught.
+    if refused and not request.node.stash.get(_CALL_FAILED, False):
+        pytest.fail(f"{request.node.nodeid} is not marked multiprocess but started: "
+                    f"{refused}", pytrace=False)

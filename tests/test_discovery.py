@@ -102,6 +102,7 @@ def test_resolvable_names_pass_and_an_unresolvable_service_fails_after_the_timeo
     assert "headless Service" in str(e.value)
 
 
+@pytest.mark.multiprocess
 def test_info_in_a_pod_prints_the_cluster_its_source_and_dtensor_env():
     result = tfpar_cli("info", "--json", env=POD, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]

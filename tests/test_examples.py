@@ -20,6 +20,7 @@ def corpus_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_example_learns_on_four_simulated_devices(tmp_path):
     result = run([sys.executable, EXAMPLE, "--num_simulated_devices=4",
                   f"--output_dir={tmp_path}", *SHORT])
@@ -36,6 +37,7 @@ def example(name, *flags, timeout=240):
     return json.loads(result.stdout.strip().splitlines()[-1].split("] ", 1)[-1])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sync, matches", [("gradients", True), ("parameters", False)])
 def test_ddp_loop_averages_gradients_and_matches_one_device(sync, matches):
     report = example("custom_loop_ddp.py", "--num_simulated_devices=4", "--check",
@@ -59,6 +61,7 @@ def test_ddp_loop_runs_unchanged_on_two_workers():
     assert all(r["max_weight_difference_to_one_device"] <= 1e-5 for r in reports)
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_example_splits_the_gpt_and_learns(corpus_dir):
     report = example("tensor_parallel_gpt.py", "--num_simulated_devices=4",
                      "--mesh=batch:2,model:2", "--steps=10", f"--data_dir={corpus_dir}")
@@ -69,6 +72,7 @@ def test_tensor_parallel_example_splits_the_gpt_and_learns(corpus_dir):
     assert report["final_val_loss"] < 0.8 * report["initial_val_loss"]
 
 
+@pytest.mark.multiprocess
 def test_pipeline_example_runs_the_schedule_and_learns(corpus_dir, tmp_path):
     report = example("pipeline_gpt.py", "--num_simulated_devices=2", "--pipeline_stages=2",
                      "--microbatches=4", "--steps=10", f"--data_dir={corpus_dir}",

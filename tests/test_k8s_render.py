@@ -176,6 +176,7 @@ def test_checkpoint_dir_is_a_mounted_claim_or_a_bucket():
     assert env["TFPAR_CHECKPOINT_DIR"] == "gs://bucket/runs/mnist"
 
 
+@pytest.mark.multiprocess
 def test_cli_writes_yaml_and_passes_the_command_through_unchanged(tmp_path):
     out = tmp_path / "job.yaml"
     result = tfpar_cli("k8s", "render", "--name=mnist", "--image=img:1", "--workers=2",
@@ -193,6 +194,7 @@ def test_cli_writes_yaml_and_passes_the_command_through_unchanged(tmp_path):
     assert docs["Job"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("flags, message", [
     (["--name=My_Job"], "--name='My_Job': a job name must be a DNS-1123 label"),
     (["--workers=0"], "--workers=0: a job needs at least 1 worker"),
@@ -214,6 +216,7 @@ def test_bad_flags_name_the_value_the_rule_and_the_fix(flags, message):
     assert message in result.stdout, result.stdout
 
 
+@pytest.mark.multiprocess
 def test_missing_required_flags_and_command_are_errors():
     result = tfpar_cli("k8s", "render", "--image=img", "--", "python", "t.py", timeout=60)
     assert result.returncode == 2 and "--name, --workers required" in result.stdout

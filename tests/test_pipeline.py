@@ -269,6 +269,7 @@ def test_two_replicas_of_two_stages_match_one_device(case, references):
 
 
 # ------------------------------------------------------------------------ flags
+@pytest.mark.multiprocess
 def test_the_flag_switch_is_the_only_change_a_training_script_needs(tmp_path):
     """tests/workers/mlp_worker.py, unchanged: the pipeline's weights equal one device's."""
     import sys

@@ -118,6 +118,7 @@ def test_configurations_that_do_not_fit_are_rejected_and_nothing_fitting_says_wh
 
 
 # ------------------------------------------------------------------- the CLI
+@pytest.mark.multiprocess
 def test_plan_prints_a_table_and_json_with_the_recommendation(tmp_path):
     args = ["plan", "--model=gpt3-175b", "--devices=1024", "--global_batch_size=1536",
             "--precision=mixed_bfloat16", "--recompute"]
@@ -137,6 +138,7 @@ def test_plan_prints_a_table_and_json_with_the_recommendation(tmp_path):
     assert result.elapsed < 30  # no TensorFlow: planning is arithmetic
 
 
+@pytest.mark.multiprocess
 def test_plan_that_cannot_fit_exits_1_and_bad_input_exits_2():
     nothing = tfpar_cli("plan", "--model=gpt3-175b", "--devices=8", "--global_batch_size=64",
                         timeout=60)

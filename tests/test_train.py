@@ -140,6 +140,7 @@ SHORT = ["--train_steps=20", "--eval_every=10", "--eval_batches=2", "--global_ba
          "--seq_len=32", "--warmup_steps=5", "--sample_tokens=40"]
 
 
+@pytest.mark.multiprocess
 def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
     result = tfpar_cli("train", "--strategy=data", "--num_simulated_devices=4",
                        f"--data_dir={data_dir}", f"--output_dir={tmp_path}", *SHORT, timeout=300)
@@ -161,6 +162,7 @@ def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
     assert [step for step, _ in state["val_losses"]] == [0, 10, 20]
 
 
+@pytest.mark.multiprocess
 def test_tfpar_train_tensor_parallel_from_flags(data_dir, tmp_path):
     result = tfpar_cli("train", "--strategy=tensor", "--mesh=batch:1,model:2",
                        "--num_simulated_devices=2", f"--data_dir={data_dir}",
@@ -173,6 +175,7 @@ def test_tfpar_train_tensor_parallel_from_flags(data_dir, tmp_path):
     assert summary["final_val_loss"] < 0.75 * summary["initial_val_loss"]
 
 
+@pytest.mark.multiprocess
 def test_tfpar_train_pipeline_from_flags(data_dir, tmp_path):
     result = tfpar_cli("train", "--strategy=pipeline", "--pipeline_stages=2",
                        "--microbatches=4", "--num_simulated_devices=2", f"--data_dir={data_dir}",
@@ -198,6 +201,7 @@ def test_tfpar_train_under_launch_trains_on_two_workers_and_only_the_chief_write
     assert "[rank 1] tfpar train: validation loss" not in result.stdout
 
 
+@pytest.mark.multiprocess
 def test_an_unprepared_tfds_dataset_fails_at_once_with_the_fix(tmp_path):
     result = tfpar_cli("train", "--dataset=tiny_shakespeare", f"--data_dir={tmp_path}",
                        f"--output_dir={tmp_path / 'out'}", timeout=120)

@@ -14,6 +14,8 @@ Example::
     'preempted: a checkpoint was saved; restart to resume'
 """
 
+import signal
+
 # SIGTERM (preemption, eviction, node drain) arrived; every worker stopped at
 # the same step and the chief committed a checkpoint. Restarting resumes.
 PREEMPTED = 210
@@ -36,9 +38,32 @@ _DESCRIPTIONS = {
 
 
 def describe(code: int) -> str:
-    """A short human description of a worker's exit code."""
+    """A short human description of a worker's exit code.
+
+    `code` is a process's exit status, or a `subprocess.Popen` return code,
+    which is -N for a process killed by signal N::
+
+        >>> describe(2)
+        'a usage or configuration error'
+        >>> describe(-9)
+        'killed by SIGKILL'
+        >>> describe(137)
+        'killed by signal 9 (SIGKILL)'
+    """
     if code in _DESCRIPTIONS:
         return _DESCRIPTIONS[code]
+    if code < 0:
+        return f"killed by {_signal_name(-code) or f'signal {-code}'}"
     if 128 < code <= 192:
-        return f"killed by signal {code - 128}"
+        # A shell (or a launcher like this one) reports a child killed by
+        # signal N as 128 + N.
+        name = _signal_name(code - 128)
+        return f"killed by signal {code - 128}" + (f" ({name})" if name else "")
     return f"exit code {code}"
+
+
+def _signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None

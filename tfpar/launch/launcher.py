@@ -4,9 +4,16 @@ tfpar's torchrun: picks free ports on 127.0.0.1, gives each process its own
 TF_CONFIG, prefixes every output line with the process's rank, and watches
 the group. When any process fails it stops the others (SIGTERM to each
 process group, SIGKILL after a grace period, so no child is left behind),
-reports the failed rank with its last lines, and either exits non-zero or,
-with `max_restarts`, starts the whole group again (a training script with
-`tfpar.callbacks.BackupAndRestore` then resumes from its backup).
+reports the failed rank with its last lines, and then follows the exit-code
+contract of `tfpar.exit_codes`, which the Kubernetes manifests of
+`tfpar k8s render` follow too:
+
+- a permanent code (1, 2: an uncaught error, a bad flag or configuration)
+  ends the launch with that code; a restart would fail the same way;
+- any other failure (a signal, 210 preempted, 211 peer lost, other codes)
+  starts the whole group again, up to `max_restarts` times (a training
+  script with `tfpar.callbacks.BackupAndRestore` then resumes from its
+  backup), and ends the launch with the last code once they are used up.
 
 Example::
 
@@ -32,6 +39,7 @@ import threading
 import time
 from typing import Mapping, Sequence, TextIO
 
+from tfpar import exit_codes
 from tfpar.cluster import Cluster
 
 # Environment each process gets besides TF_CONFIG.
@@ -64,15 +72,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
         for s in sockets:
             s.close()
     return ports
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def _group_members_alive(pgid: int) -> list[int]:
@@ -114,7 +113,8 @@ class Launcher:
 
     Attributes:
       nproc: number of processes (workers); rank 0 is the chief.
-      max_restarts: restarts of the whole group after a failure.
+      max_restarts: restarts of the whole group after a failure that is not
+        permanent (`tfpar.exit_codes.PERMANENT` ends the launch at once).
       grace_period_s: how long stopped processes get between SIGTERM and
         SIGKILL (time to write a checkpoint).
       host: the address every worker binds and is reached at.
@@ -233,16 +233,20 @@ class Launcher:
             w.reader.join(timeout=5)
 
     def _watch(self) -> _Worker | None:
-        """Waits until every process succeeded (None) or one failed (it)."""
+        """Waits until every process succeeded (None) or one failed (it).
+
+        When several have failed by the time the group is looked at, a
+        failure that is not permanent wins: a rank whose peer was killed
+        fails with 1 (an uncaught collective error) right after it, and the
+        kill, not the error it caused, decides whether to restart.
+        """
         while True:
-            running = False
-            for w in self._workers:
-                code = w.process.poll()
-                if code is None:
-                    running = True
-                elif code != 0:
-                    return w
-            if not running:
+            codes = [w.process.poll() for w in self._workers]
+            failed = [w for w, code in zip(self._workers, codes) if code not in (None, 0)]
+            if failed:
+                return min(failed,
+                           key=lambda w: w.process.returncode in exit_codes.PERMANENT)
+            if None not in codes:
                 return None
             time.sleep(0.05)
 
@@ -279,13 +283,24 @@ class Launcher:
                 tail = "\n".join(f"    {line}" for line in failed.tail)
                 self._say(
                     f"tfpar launch: rank {failed.rank} (pid {failed.process.pid}) "
-                    f"failed ({_describe_exit(code)}); stopped the other "
+                    f"failed ({exit_codes.describe(code)}); stopped the other "
                     f"{self.nproc - 1} rank(s). Last lines of rank {failed.rank}:\n{tail}"
                 )
+                if code in exit_codes.PERMANENT:
+                    permanent = " and ".join(str(c) for c in exit_codes.PERMANENT)
+                    self._say(
+                        f"tfpar launch: rank {failed.rank} exited with {code} "
+                        f"({exit_codes.describe(code)}): not restarted, exit codes "
+                        f"{permanent} are permanent (tfpar.exit_codes)")
+                    return code
                 if attempt < self.max_restarts:
                     self._say(f"tfpar launch: restarting all {self.nproc} ranks "
                               f"(restart {attempt + 1} of {self.max_restarts})")
                     continue
+                if self.max_restarts:
+                    self._say(f"tfpar launch: all {self.max_restarts} restart(s) used; "
+                              f"giving up")
+                # A process killed by signal N reports -N; a shell says 128 + N.
                 return code if code > 0 else 128 - code
         finally:
             if in_main_thread:
