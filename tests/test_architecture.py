@@ -160,7 +160,6 @@ def test_the_library_never_imports_the_cli():
 # -------------------------------------------------------- the compat registry
 def resolve(path: str):
     """'module:Attr.attr' -> the object there now."""
-
     module, _, attribute = path.partition(":")
     target = importlib.import_module(module)
     for part in attribute.split(".") if attribute else ():
