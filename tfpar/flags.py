@@ -44,13 +44,15 @@ from absl import flags
 
 from tfpar.cluster import Cluster, ClusterConfigError, Discovered, discover
 from tfpar.parallel_dims import ParallelDims, ParallelDimsError
+from tfpar.strategies.pipeline.schedules import SCHEDULES as _SCHEDULE_CLASSES
 
 STRATEGIES = ("auto", "one_device", "data", "multi_worker", "tensor", "pipeline")
 ALL_REDUCE = ("auto", "nccl", "ring", "hierarchical_copy", "reduce_to_one")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Strategies whose flags exist but whose implementation has not landed yet.
 NOT_YET_AVAILABLE: dict[str, str] = {}
-SCHEDULES = ("gpipe", "1f1b")
+# The schedules' one registry (pure Python): a schedule added there is a flag value here.
+SCHEDULES = tuple(_SCHEDULE_CLASSES)
 DEGREES = ("dp", "fsdp", "tp", "pp")
 
 FLAGS = flags.FLAGS
