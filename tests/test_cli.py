@@ -171,6 +171,7 @@ def test_degrees_the_devices_cannot_hold_are_a_parallel_dims_error():
         tfpar.from_flags(parsed("--dp=8"))
 
 
+@pytest.mark.multiprocess
 def test_train_reports_a_parallel_dims_error_as_a_usage_error():
     result = tfpar_cli("train", "--dp=8", "--num_simulated_devices=4", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stdout
