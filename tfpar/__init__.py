@@ -32,6 +32,7 @@ _LAZY = {
     "Pipeline": "tfpar.strategies",
     "ParallelDims": "tfpar.parallel_dims",
     "from_flags": "tfpar.flags",
+    "enable_keras_distribution": "tfpar.strategies.keras_distribution:enable",
     "set_precision": "tfpar.precision",
 }
 
@@ -44,7 +45,8 @@ __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, _, attribute = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), attribute or name)
     if name in _SUBMODULES:
         return importlib.import_module(f"tfpar.{name}")
     raise AttributeError(f"module 'tfpar' has no attribute {name!r}")

@@ -22,12 +22,27 @@ import contextlib
 import threading
 
 _active = threading.local()
+# Set by `tfpar.strategies.keras_distribution.enable()`: outside any tfpar
+# scope, the Keras distribution set with `keras.distribution.set_distribution`
+# stands for a tfpar strategy.
+_keras_distribution = None
 
 
 def current():
-    """The strategy whose scope is active in this thread (innermost), if any."""
+    """The strategy whose scope is active in this thread (innermost), if any; else
+    the one behind the Keras distribution, when that bridge is enabled."""
     stack = getattr(_active, "stack", None)
-    return stack[-1] if stack else None
+    if stack:
+        return stack[-1]
+    if _keras_distribution is not None:
+        return _keras_distribution()
+    return None
+
+
+def follow_keras_distribution(resolve) -> None:
+    """Makes `current()` fall back to `resolve()` (None: stop)."""
+    global _keras_distribution
+    _keras_distribution = resolve
 
 
 @contextlib.contextmanager
