@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from tfpar import exit_codes
+from tfpar.compat.chief_only_writes import scratch_path
 from tfpar.strategies.base import should_write, strategy_for
 
 log = logging.getLogger("tfpar")
@@ -145,12 +146,22 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._save_model(step_in_epoch=batch + 1)
 
     def _save_model(self, step_in_epoch: int = 0):
-        """Commits a backup of the state after `step_in_epoch` batches of the current epoch."""
+        """Commits a backup of the state after `step_in_epoch` batches of the current epoch.
+
+        Every process calls it and runs `save_weights`: gathering a sharded
+        weight is a collective over the mesh, which may span processes (a
+        DTensor mesh "batch:1,model:4" over 2 clients deadlocks if only the
+        chief gathers). Every other process saves to a scratch directory that
+        is removed at once (`tfpar.compat.chief_only_writes.scratch_path`);
+        only the writer creates the backup directory and commits the metadata.
+        """
+        name = f"backup-e{self._current_epoch}-b{step_in_epoch}.weights.h5"
         if not should_write(self.model):
+            with scratch_path(name) as scratch:
+                self.model.save_weights(scratch, overwrite=True)
             return
         tf.io.gfile.makedirs(self.backup_dir)
         previous = self._read_metadata() or {}
-        name = f"backup-e{self._current_epoch}-b{step_in_epoch}.weights.h5"
         self.model.save_weights(tf.io.gfile.join(self.backup_dir, name), overwrite=True)
         metadata = {"epoch": self._current_epoch, "step_in_epoch": step_in_epoch,
                     "weights": name}

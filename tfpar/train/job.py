@@ -116,10 +116,15 @@ def job_peak_flops(strategy, peak_tflops: float | None) -> tuple[float, str]:
 def run(config: TrainConfig, strategy) -> dict:
     """Trains (or resumes training) as `config` says; returns the summary.
 
-    Every worker of a multi-worker job calls it; the chief writes the files.
+    Every process of a multi-process job calls it and runs the same steps,
+    saving included (gathering sharded weights is a collective); only the
+    writer (`tfpar.strategies.should_write`: the chief, client 0 of a DTensor
+    mesh) creates or changes anything in `output_dir`, and only the chief
+    prints.
     """
     started = time.time()
     chief = strategy.is_chief
+    writer = tfpar.strategies.should_write(strategy)
     # Before any dataset or variable: the data order and the initial weights
     # depend on the seed alone (op seeds combine with the global one).
     keras.utils.set_random_seed(config.seed)
@@ -128,7 +133,8 @@ def run(config: TrainConfig, strategy) -> dict:
     k = config.grad_accum_steps
     batch = tfpar.data.resolve_global_batch_size(strategy, config.global_batch_size)
     steps_per_epoch = config.eval_every * k  # Keras batches between evaluations
-    os.makedirs(config.output_dir, exist_ok=True)
+    if writer:
+        os.makedirs(config.output_dir, exist_ok=True)
     state_path = os.path.join(config.output_dir, "train_state.json")
     settings = {"model_config": dataclasses.asdict(shape), "global_batch_size": batch,
                 "grad_accum_steps": k, "eval_every": config.eval_every, "seed": config.seed}
@@ -185,13 +191,13 @@ def run(config: TrainConfig, strategy) -> dict:
             + throughput.losses
         state["val_losses"] = [p for p in state["val_losses"] if p[0] < step] \
             + [(step, float(logs["val_loss"]))]
-        if chief:
+        if writer:
             write_json(state_path, {**state, "tokens": state["tokens"] + throughput.total_tokens,
                                     "seconds": state["seconds"] + throughput.total_seconds})
 
     callbacks = [checkpoint, throughput,
                  keras.callbacks.LambdaCallback(on_epoch_end=record)]
-    if chief:
+    if writer:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(config.output_dir, "tensorboard"), write_graph=False,
             update_freq=max(1, steps_per_epoch // 20)))
@@ -219,7 +225,7 @@ def run(config: TrainConfig, strategy) -> dict:
         "train_seconds": seconds, "wall_seconds": time.time() - started,
         "precision": keras.config.dtype_policy().name,
     }
-    if chief:
+    if writer:
         _write_outputs(config, shape, tokenizer, weights, state, summary)
     return summary
 
