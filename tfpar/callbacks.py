@@ -12,6 +12,7 @@ backup from the start of its epoch. `BackupAndRestore` below fixes all three;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import tensorflow as tf
 
 from tfpar import exit_codes
 from tfpar.compat.chief_only_writes import scratch_path
+from tfpar.strategies import registry
 from tfpar.strategies.base import should_write, strategy_for
 
 log = logging.getLogger("tfpar")
@@ -93,7 +95,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             )
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
-            optimizer.build(self.model.trainable_variables)
+            # Slots are made as the first step would make them: a strategy that
+            # creates variables itself (TensorParallel: DVariables laid out
+            # like their weight) must see them, or loading a sharded slot fails
+            # ("AssignVariableOp got a regular tensor ... expecting a DTensor").
+            owner = registry.strategy_of(self.model)
+            with owner.scope() if owner is not None else contextlib.nullcontext():
+                optimizer.build(self.model.trainable_variables)
         self.model.load_weights(tf.io.gfile.join(self.backup_dir, metadata["weights"]))
         epoch, done = metadata["epoch"], metadata.get("step_in_epoch", 0)
         steps = (self.params or {}).get("steps")
