@@ -26,7 +26,9 @@ from tfpar import exit_codes
 from tfpar.data import corpus
 from tfpar.launch import free_ports
 
-pytestmark = pytest.mark.multiprocess
+# Each test (with the module's first launch, for the first that uses it) takes
+# 25-90 s on 2 shared cores.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
 # 24 optimizer steps of 16 windows of 32 bytes, validated every 12, on a
 # 1-block GPT; the schedule is fixed at 24 steps so that a first launch of
@@ -57,8 +59,8 @@ def launch(out, data_dir, *flags, trace=None, timeout=150):
     """`tfpar launch --nproc 2 -- tfpar train ...`: (exit code, output).
 
     With `trace`, rank 1 runs under strace (tests/workers/trace_writes.py),
-    which logs every file it creates or changes to that path. On a timeout
-    the launcher gets SIGTERM, which stops its ranks (then SIGKILL).
+    which logs every file it creates or changes to that path. If it does not
+    finish, the launcher gets SIGTERM, which stops its ranks (then SIGKILL).
     """
     tmpdir = out.parent / f"{out.name}-tmp"
     tmpdir.mkdir(exist_ok=True)
@@ -70,15 +72,14 @@ def launch(out, data_dir, *flags, trace=None, timeout=150):
                                start_new_session=True)
     try:
         output = process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        finally:
-            if process.poll() is None:
+    finally:
+        if process.poll() is None:  # timed out, or the test was interrupted
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        raise
     return process.returncode, output
 
 

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 import tfpar
 from tfpar.data import text
+from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 from tfpar.train.config import TrainConfig, TrainConfigError
 from tfpar.train.progress import Throughput
 from tfpar.train.report import plot_loss, read_json, write_json
@@ -273,7 +274,7 @@ def _compiled_gpt(config, shape, strategy):
         model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
     # Exact Adam on embeddings, and the same update under every strategy
     # (see tfpar.strategies.tensor.tensor_parallel.use_dense_gradients).
-    tfpar.strategies.tensor.tensor_parallel.use_dense_gradients(optimizer)
+    use_dense_gradients(optimizer)
     return model
 
 
