@@ -4,7 +4,8 @@ Only client 0 writes, yet every client runs the saving code (gathering a
 sharded weight is a collective); a second launch on the same output dir
 resumes to the weights of an uninterrupted run; SIGTERM, to every client or
 to one, stops all of them after one agreed step, the chief commits that
-step, and every client exits 210.
+step, and every client exits 210; a client killed outright makes the other
+exit 211 at once.
 """
 
 import json
@@ -114,11 +115,11 @@ class Clients:
             assert all(p.poll() is None for p in self.processes), self.output(0)[-3000:]
             time.sleep(0.02)
 
-    def terminate(self, ranks, timeout=60):
-        """SIGTERM to `ranks`; returns (exit codes, seconds from the signal to each exit)."""
+    def terminate(self, ranks, sig=signal.SIGTERM, timeout=60):
+        """`sig` to `ranks`; returns (exit codes, seconds from the signal to each exit)."""
         signalled = time.monotonic()
         for rank in ranks:
-            os.kill(self.processes[rank].pid, signal.SIGTERM)
+            os.kill(self.processes[rank].pid, sig)
         seconds = [None, None]
         try:
             while None in seconds and time.monotonic() < signalled + timeout:
@@ -269,3 +270,15 @@ def test_sigterm_to_client_1_alone_stops_both_at_the_same_step_with_210(data_dir
     metadata = json.loads((out / "checkpoint" / "training_metadata.json").read_text())
     step = ("1", str(metadata["step_in_epoch"]))
     assert [PREEMPTED_AT.findall(clients.output(rank)) for rank in range(2)] == [[step], [step]]
+
+
+def test_a_client_killed_mid_training_makes_the_other_exit_211_at_once(data_dir, tmp_path):
+    clients = Clients(tmp_path / "out", data_dir, "--train_steps=24")
+    try:
+        clients.wait_for("Epoch 2/2")
+        codes, seconds = clients.terminate([1], sig=signal.SIGKILL)
+    finally:
+        clients.kill()
+    assert codes == [exit_codes.PEER_LOST, -signal.SIGKILL], clients.output(0)[-3000:]
+    assert "a peer worker was lost (UnavailableError)" in clients.output(0)
+    assert seconds[0] < 10, seconds  # blocked in a collective with it: no heartbeat wait
