@@ -1,4 +1,4 @@
-"""`tfpar train --strategy=tensor` on 2 processes: one 2x2 DTensor mesh of 2 clients x 2 CPU devices.
+"""`tfpar train --strategy=tensor` on 2 processes: a 2x2 DTensor mesh of 2 clients x 2 CPU devices.
 
 Only client 0 writes, yet every client runs the saving code (gathering a
 sharded weight is a collective); a second launch on the same output dir
