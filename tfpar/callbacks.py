@@ -12,6 +12,7 @@ backup from the start of its epoch. `BackupAndRestore` below fixes all three;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,8 @@ import keras
 import tensorflow as tf
 
 from tfpar import exit_codes
+from tfpar.compat.chief_only_writes import scratch_path
+from tfpar.strategies import registry
 from tfpar.strategies.base import should_write, strategy_for
 
 log = logging.getLogger("tfpar")
@@ -92,7 +95,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             )
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
-            optimizer.build(self.model.trainable_variables)
+            # Slots are made as the first step would make them: a strategy that
+            # creates variables itself (TensorParallel: DVariables laid out
+            # like their weight) must see them, or loading a sharded slot fails
+            # ("AssignVariableOp got a regular tensor ... expecting a DTensor").
+            owner = registry.strategy_of(self.model)
+            with owner.scope() if owner is not None else contextlib.nullcontext():
+                optimizer.build(self.model.trainable_variables)
         self.model.load_weights(tf.io.gfile.join(self.backup_dir, metadata["weights"]))
         epoch, done = metadata["epoch"], metadata.get("step_in_epoch", 0)
         steps = (self.params or {}).get("steps")
@@ -145,12 +154,22 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._save_model(step_in_epoch=batch + 1)
 
     def _save_model(self, step_in_epoch: int = 0):
-        """Commits a backup of the state after `step_in_epoch` batches of the current epoch."""
+        """Commits a backup of the state after `step_in_epoch` batches of the current epoch.
+
+        Every process calls it and runs `save_weights`: gathering a sharded
+        weight is a collective over the mesh, which may span processes (a
+        DTensor mesh "batch:1,model:4" over 2 clients deadlocks if only the
+        chief gathers). Every other process saves to a scratch directory that
+        is removed at once (`tfpar.compat.chief_only_writes.scratch_path`);
+        only the writer creates the backup directory and commits the metadata.
+        """
+        name = f"backup-e{self._current_epoch}-b{step_in_epoch}.weights.h5"
         if not should_write(self.model):
+            with scratch_path(name) as scratch:
+                self.model.save_weights(scratch, overwrite=True)
             return
         tf.io.gfile.makedirs(self.backup_dir)
         previous = self._read_metadata() or {}
-        name = f"backup-e{self._current_epoch}-b{step_in_epoch}.weights.h5"
         self.model.save_weights(tf.io.gfile.join(self.backup_dir, name), overwrite=True)
         metadata = {"epoch": self._current_epoch, "step_in_epoch": step_in_epoch,
                     "weights": name}

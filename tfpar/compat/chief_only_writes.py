@@ -12,6 +12,7 @@ gathering sharded weights, run everywhere, and a save that would fail,
 fails everywhere).
 """
 
+import contextlib
 import functools
 import os
 import shutil
@@ -22,6 +23,20 @@ import keras
 from tfpar.compat.patch import Patch
 
 
+@contextlib.contextmanager
+def scratch_path(filepath):
+    """A path with `filepath`'s name in a private temporary directory, removed on exit.
+
+    Where a process that does not write puts what it saves (it still runs
+    the saving code, and the collectives inside it).
+    """
+    scratch = tempfile.mkdtemp(prefix="tfpar-worker-")
+    try:
+        yield os.path.join(scratch, os.path.basename(str(filepath)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _chief_only_writer(upstream):
     @functools.wraps(upstream)
     def write(self, filepath, *args, **kwargs):
@@ -29,14 +44,8 @@ def _chief_only_writer(upstream):
 
         if should_write(self):
             return upstream(self, filepath, *args, **kwargs)
-        scratch = tempfile.mkdtemp(prefix="tfpar-worker-")
-        try:
-            return upstream(
-                self, os.path.join(scratch, os.path.basename(str(filepath))),
-                *args, **kwargs,
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        with scratch_path(filepath) as path:
+            return upstream(self, path, *args, **kwargs)
 
     write._tfpar_upstream = upstream
     return write

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 import tfpar
 from tfpar.data import text
+from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 from tfpar.train.config import TrainConfig, TrainConfigError
 from tfpar.train.progress import Throughput
 from tfpar.train.report import plot_loss, read_json, write_json
@@ -116,10 +117,15 @@ def job_peak_flops(strategy, peak_tflops: float | None) -> tuple[float, str]:
 def run(config: TrainConfig, strategy) -> dict:
     """Trains (or resumes training) as `config` says; returns the summary.
 
-    Every worker of a multi-worker job calls it; the chief writes the files.
+    Every process of a multi-process job calls it and runs the same steps,
+    saving included (gathering sharded weights is a collective); only the
+    writer (`tfpar.strategies.should_write`: the chief, client 0 of a DTensor
+    mesh) creates or changes anything in `output_dir`, and only the chief
+    prints.
     """
     started = time.time()
     chief = strategy.is_chief
+    writer = tfpar.strategies.should_write(strategy)
     # Before any dataset or variable: the data order and the initial weights
     # depend on the seed alone (op seeds combine with the global one).
     keras.utils.set_random_seed(config.seed)
@@ -128,7 +134,8 @@ def run(config: TrainConfig, strategy) -> dict:
     k = config.grad_accum_steps
     batch = tfpar.data.resolve_global_batch_size(strategy, config.global_batch_size)
     steps_per_epoch = config.eval_every * k  # Keras batches between evaluations
-    os.makedirs(config.output_dir, exist_ok=True)
+    if writer:
+        os.makedirs(config.output_dir, exist_ok=True)
     state_path = os.path.join(config.output_dir, "train_state.json")
     settings = {"model_config": dataclasses.asdict(shape), "global_batch_size": batch,
                 "grad_accum_steps": k, "eval_every": config.eval_every, "seed": config.seed}
@@ -185,13 +192,13 @@ def run(config: TrainConfig, strategy) -> dict:
             + throughput.losses
         state["val_losses"] = [p for p in state["val_losses"] if p[0] < step] \
             + [(step, float(logs["val_loss"]))]
-        if chief:
+        if writer:
             write_json(state_path, {**state, "tokens": state["tokens"] + throughput.total_tokens,
                                     "seconds": state["seconds"] + throughput.total_seconds})
 
     callbacks = [checkpoint, throughput,
                  keras.callbacks.LambdaCallback(on_epoch_end=record)]
-    if chief:
+    if writer:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(config.output_dir, "tensorboard"), write_graph=False,
             update_freq=max(1, steps_per_epoch // 20)))
@@ -220,7 +227,7 @@ def run(config: TrainConfig, strategy) -> dict:
         "train_seconds": seconds, "wall_seconds": time.time() - started,
         "precision": keras.config.dtype_policy().name,
     }
-    if chief:
+    if writer:
         _write_outputs(config, shape, tokenizer, weights, state, summary)
     return summary
 
@@ -268,7 +275,7 @@ def _compiled_gpt(config, shape, strategy):
         model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
     # Exact Adam on embeddings, and the same update under every strategy
     # (see tfpar.strategies.tensor.tensor_parallel.use_dense_gradients).
-    tfpar.strategies.tensor.tensor_parallel.use_dense_gradients(optimizer)
+    use_dense_gradients(optimizer)
     return model
 
 
