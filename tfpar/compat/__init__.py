@@ -14,6 +14,7 @@ DTensor variables and step functions for `TensorParallel` and `Pipeline`).
 | reduce_before_apply | fix | `reduce_before_apply` |
 | sum_duplicate_rows | fix | `sum_duplicate_rows` |
 | dtensor_variables | mechanism | `dtensor_variables` |
+| dtensor_layer_inputs | mechanism | `dtensor_layer_inputs` |
 | step_functions | mechanism | `step_functions` |
 
 `apply_keras_fixes()` installs them once; tfpar's strategies call it, so
@@ -37,6 +38,7 @@ import keras
 
 from tfpar.compat import (
     chief_only_writes,
+    dtensor_layer_inputs,
     dtensor_variables,
     makedirs_race,
     reduce_before_apply,
@@ -65,6 +67,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     chief_only_writes.PATCH,
     makedirs_race.PATCH,
     dtensor_variables.PATCH,
+    dtensor_layer_inputs.PATCH,
     step_functions.PATCH,
     reduce_before_apply.PATCH,
     sum_duplicate_rows.PATCH,

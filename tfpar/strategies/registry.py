@@ -63,8 +63,14 @@ def tag(keras_variable, strategy) -> None:
 
 
 def strategy_of(model):
-    """The strategy that owns a model's weights (created in its scope), if any."""
-    for variable in getattr(model, "weights", ()):
+    """The strategy that owns a model's weights (created in its scope), if any.
+
+    A subclassed model compiled in a scope has no weights until its first
+    step builds it; its optimizer's step counter, made by `compile`, was
+    created in the scope and names the strategy.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    for variable in (*getattr(model, "weights", ()), *getattr(optimizer, "variables", ())):
         strategy = getattr(variable, "_tfpar_strategy", None)
         if strategy is not None:
             return strategy
