@@ -44,6 +44,11 @@ class TextDataError(ValueError):
     """Text input that cannot work: a tokenizer, split or feature that is not there."""
 
 
+class TextNotFoundError(TextDataError, FileNotFoundError):
+    """Text that is not where it was said to be: files that match nothing, a TFDS
+    dataset that is unknown or not prepared."""
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What `tfpar train` needs of a tokenizer.
@@ -139,7 +144,8 @@ def file_documents(files: str | Sequence[str]) -> tf.data.Dataset:
     """Each file (a glob or a list) is one document, in sorted order."""
     paths = sorted(globlib.glob(files)) if isinstance(files, str) else list(files)
     if not paths:
-        raise FileNotFoundError(f"--text_files={files!r}: no file matches.")
+        raise TextNotFoundError(f"--text_files={files!r}: no file matches; check the path, "
+                                "and quote the glob so the shell leaves it to tfpar.")
     return tf.data.Dataset.from_tensor_slices(paths).map(
         tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
