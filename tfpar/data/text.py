@@ -100,7 +100,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
     try:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
-        raise TextDataError(f"--tokenizer={spec!r}: cannot load it ({e}).") from e
+        raise TextDataError(f"--tokenizer={spec!r}: cannot load it ({e}); check the spelling "
+                            "and that the module is importable (installed or on PYTHONPATH)."
+                            ) from e
     tokenizer = found
     if isinstance(found, type) or (callable(found) and not isinstance(found, Tokenizer)):
         try:
