@@ -33,6 +33,10 @@ log = logging.getLogger("tfpar")
 _METADATA = "training_metadata.json"
 
 
+class BackupError(ValueError):
+    """A backup directory whose backup cannot be restored (corrupt or incomplete)."""
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` for multi-worker jobs.
 
@@ -71,7 +75,17 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if not tf.io.gfile.exists(self._metadata_path):
             return None
         with tf.io.gfile.GFile(self._metadata_path, "r") as f:
-            return json.loads(f.read())
+            text = f.read()
+        try:
+            metadata = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BackupError(f"{self._metadata_path} is not a backup's metadata ({e}); "
+                              f"restore it, or remove {self.backup_dir} to start afresh.") from None
+        if not isinstance(metadata, dict):
+            raise BackupError(f"{self._metadata_path} holds {text[:80]!r}, not a backup's "
+                              f"metadata; restore it, or remove {self.backup_dir} to start "
+                              "afresh.")
+        return metadata
 
     def position(self) -> tuple[int, int] | None:
         """(epoch, batches done in it) of the committed backup, or None if there is none.
@@ -82,6 +96,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         metadata = self._read_metadata()
         if metadata is None or "weights" not in metadata:
             return None
+        if not tf.io.gfile.exists(tf.io.gfile.join(self.backup_dir, metadata["weights"])):
+            raise BackupError(f"{self._metadata_path} names weights {metadata['weights']!r} "
+                              f"that are not in {self.backup_dir}; restore them, or remove "
+                              f"{self.backup_dir} to start afresh.")
         return metadata["epoch"], metadata.get("step_in_epoch", 0)
 
     def _load_model(self):

@@ -32,10 +32,15 @@ def main(argv: list[str]) -> int:
     name, rest = _command_name(args)
     if name is None:
         if args[:1] == ["k8s"]:
-            sys.stderr.write(f"tfpar k8s: expected 'render', got {args[1:2]}\n")
+            got = repr(args[1]) if args[1:] else "nothing"
+            sys.stderr.write(f"tfpar k8s: expected 'render' after 'k8s', got {got}; "
+                             "see tfpar k8s render --help\n")
         elif args:
-            sys.stderr.write(f"tfpar: unknown command {args[0]!r}\n")
-        sys.stderr.write(usage(COMMANDS))
+            names = ", ".join(c.name for c in COMMANDS)
+            sys.stderr.write(f"tfpar: unknown command {args[0]!r}; the commands are {names}; "
+                             "see tfpar --help\n")
+        else:
+            sys.stderr.write(usage(COMMANDS))
         return 2
     command = _BY_NAME[name]
     if wants_help(rest):
@@ -43,10 +48,14 @@ def main(argv: list[str]) -> int:
         return 0
     from tfpar.cluster import ClusterConfigError
     from tfpar.devices import DeviceConfigError
+    from tfpar.flags import discover_from_flags
     from tfpar.parallel_dims import ParallelDimsError
 
     try:
         fv, program = parse(command, rest, COMMANDS)
+        if "worker_hosts" in fv:
+            # A malformed TF_CONFIG is a usage error, reported before TensorFlow starts.
+            discover_from_flags(fv)
         logs.configure(fv.verbosity, chief=logs.is_chief(fv))
         if command.uses_tensorflow:
             logs.import_tensorflow()

@@ -113,18 +113,32 @@ def prepare(name: str, data_dir: str | None = None, download: bool = False):
     `download=True`: offline, `tfds.load` of a dataset that needs a download
     retries for minutes before failing, so this fails at once with the fix.
     """
+    from tfpar.data.text import TextNotFoundError
+
     data_dir = data_dir or default_data_dir()
-    with _prepare_lock(data_dir):
-        builder = (LOCAL_BUILDERS[name](data_dir=data_dir) if name in LOCAL_BUILDERS
-                   else tfds.builder(name, data_dir=data_dir))
+    if name not in LOCAL_BUILDERS:
+        # Checked before the lock, which would create data_dir: a dataset that
+        # cannot be read leaves nothing behind.
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise TextNotFoundError(
+                f"TFDS dataset {name!r} is not a dataset TFDS knows; check the name "
+                "(`tfds.list_builders()`), or train on local files with --text_files=GLOB, "
+                "or on the embedded corpus (no --dataset).") from None
         if builder.is_prepared():
             return builder
-        if name not in LOCAL_BUILDERS and not download:
-            raise FileNotFoundError(
+        if not download:
+            raise TextNotFoundError(
                 f"TFDS dataset {name!r} is not prepared in {data_dir!r} and download=False. "
                 "Prepare it once on a machine with internet "
                 f"(`tfds build {name} --data_dir=...`, or pass "
                 "--download) and point --data_dir at it; or train on local files with "
                 "--text_files=GLOB, or on the embedded corpus (no --dataset).")
+    with _prepare_lock(data_dir):
+        builder = (LOCAL_BUILDERS[name](data_dir=data_dir) if name in LOCAL_BUILDERS
+                   else tfds.builder(name, data_dir=data_dir))
+        if builder.is_prepared():
+            return builder
         builder.download_and_prepare()
         return builder

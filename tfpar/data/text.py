@@ -44,6 +44,11 @@ class TextDataError(ValueError):
     """Text input that cannot work: a tokenizer, split or feature that is not there."""
 
 
+class TextNotFoundError(TextDataError, FileNotFoundError):
+    """Text that is not where it was said to be: files that match nothing, a TFDS
+    dataset that is unknown or not prepared."""
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What `tfpar train` needs of a tokenizer.
@@ -95,7 +100,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
     try:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
-        raise TextDataError(f"--tokenizer={spec!r}: cannot load it ({e}).") from e
+        raise TextDataError(f"--tokenizer={spec!r}: cannot load it ({e}); check the spelling "
+                            "and that the module is importable (installed or on PYTHONPATH)."
+                            ) from e
     tokenizer = found
     if isinstance(found, type) or (callable(found) and not isinstance(found, Tokenizer)):
         try:
@@ -139,7 +146,8 @@ def file_documents(files: str | Sequence[str]) -> tf.data.Dataset:
     """Each file (a glob or a list) is one document, in sorted order."""
     paths = sorted(globlib.glob(files)) if isinstance(files, str) else list(files)
     if not paths:
-        raise FileNotFoundError(f"--text_files={files!r}: no file matches.")
+        raise TextNotFoundError(f"--text_files={files!r}: no file matches; check the path, "
+                                "and quote the glob so the shell leaves it to tfpar.")
     return tf.data.Dataset.from_tensor_slices(paths).map(
         tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 

@@ -58,6 +58,37 @@ def define_plan_flags(fv: flags.FlagValues) -> None:
     tfpar_flags.define_precision_flag(fv)
     tfpar_flags.define_schedule_flag(fv)
     tfpar_flags.define_flags(fv, PLAN_FLAGS)
+    for name in ("devices", "devices_per_node", "top"):
+        flags.register_validator(name, _at_least_one(name), flag_values=fv)
+    for name in ("device_memory", "device_tflops", "intra_node_bandwidth",
+                 "inter_node_bandwidth"):
+        flags.register_validator(name, _positive(name), flag_values=fv)
+    flags.register_validator("efficiency", _fraction("efficiency"), flag_values=fv)
+
+
+def _at_least_one(name):
+    def check(value):
+        if value is not None and value < 1:
+            raise flags.ValidationError(f"--{name}={value}: must be >= 1.")
+        return True
+    return check
+
+
+def _positive(name):
+    def check(value):
+        if value is not None and value <= 0:
+            raise flags.ValidationError(f"--{name}={value:g}: must be > 0 (or leave it out: "
+                                        "--accelerator gives the default).")
+        return True
+    return check
+
+
+def _fraction(name):
+    def check(value):
+        if not 0 < value <= 1:
+            raise flags.ValidationError(f"--{name}={value:g}: must be in (0, 1], e.g. 0.5.")
+        return True
+    return check
 
 
 def workload_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Workload:
@@ -72,7 +103,8 @@ def workload_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Workload
 def hardware_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Hardware:
     f = flag_values
     if not f.devices:
-        raise ValueError("--devices is required: how many devices the job may use.")
+        raise ValueError("--devices is required: how many devices the job may use, "
+                         "e.g. --devices=8.")
     preset = ACCELERATORS[f.accelerator]
     sixteen_bit = f.precision != "float32"
 

@@ -100,15 +100,25 @@ def define_train_flags(fv: flags.FlagValues) -> None:
     for name, (define, help_text) in TRAIN_FLAGS.items():
         define(name, getattr(DEFAULTS, name), help_text, flag_values=fv)
     flags.register_multi_flags_validator(_CHECKED, _valid, flag_values=fv)
+    flags.register_validator("vocab", _no_vocab, flag_values=fv)
+
+
+def _no_vocab(value) -> bool:
+    if value is not None:
+        raise flags.ValidationError(_VOCAB_GIVEN.format(value=value))
+    return True
+
+
+_VOCAB_GIVEN = ("--vocab={value}: tfpar train takes the vocabulary size from the tokenizer "
+                "(--tokenizer); drop --vocab.")
 
 
 def config_from_flags(strategy, flag_values: flags.FlagValues = flags.FLAGS) -> TrainConfig:
     """The TrainConfig the flags describe, for `strategy` (the batch is checked
     against its replicas)."""
     f = flag_values
-    if f["vocab"].present:
-        raise TrainConfigError("--vocab: tfpar train takes the vocabulary size from the "
-                               "tokenizer (--tokenizer); drop --vocab.")
+    if f["vocab"].value is not None:
+        raise TrainConfigError(_VOCAB_GIVEN.format(value=f["vocab"].value))
     values = {name: f[name].value for name in _FIELDS}
     return TrainConfig(**values, model=f.model or DEFAULTS.model,
                        global_batch_size=tfpar_flags.global_batch_size(

@@ -134,8 +134,6 @@ def run(config: TrainConfig, strategy) -> dict:
     k = config.grad_accum_steps
     batch = tfpar.data.resolve_global_batch_size(strategy, config.global_batch_size)
     steps_per_epoch = config.eval_every * k  # Keras batches between evaluations
-    if writer:
-        os.makedirs(config.output_dir, exist_ok=True)
     state_path = os.path.join(config.output_dir, "train_state.json")
     settings = {"model_config": dataclasses.asdict(shape), "global_batch_size": batch,
                 "grad_accum_steps": k, "eval_every": config.eval_every, "seed": config.seed}
@@ -145,7 +143,10 @@ def run(config: TrainConfig, strategy) -> dict:
     state, epoch, start_step = _resume_point(config, checkpoint, settings, state_path,
                                              steps_per_epoch)
 
+    # A checkpoint or text that cannot be read fails before output_dir is made.
     train_windows, val_windows, source = text_windows(config, tokenizer, shape.seq_len)
+    if writer:
+        os.makedirs(config.output_dir, exist_ok=True)
     # The checkpoint's epoch is skipped here; its batches inside the epoch are
     # skipped by the checkpoint callback itself.
     train = text.lm_batches(train_windows, strategy, global_batch_size=batch, train=True,
@@ -239,8 +240,19 @@ def _resume_point(config, checkpoint, settings, state_path, steps_per_epoch):
     other settings is refused: its weights and data position would not mean
     what this run's flags say.
     """
-    state = read_json(state_path)
-    position = checkpoint.position()
+    fix = "move it away, or give a new --output_dir."
+    try:
+        state = read_json(state_path)
+    except ValueError as e:
+        raise TrainConfigError(f"{state_path} is not a tfpar train state ({e}); {fix}") from None
+    if state is not None and not (isinstance(state, dict)
+                                  and isinstance(state.get("settings"), dict)):
+        raise TrainConfigError(f"{state_path} is not a tfpar train state (it has no 'settings'); "
+                               f"{fix}")
+    try:
+        position = checkpoint.position()
+    except tfpar.callbacks.BackupError as e:
+        raise TrainConfigError(f"{e.args[0].rstrip('.')}; or give a new --output_dir.") from None
     if position is not None and state is not None:
         changed = [key for key in _RESUME_KEYS if state["settings"].get(key) != settings[key]]
         if changed:
