@@ -162,6 +162,15 @@ with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
 """
 
 
+def probe(targets, timeout=1.0, enter=()):
+    """A TCP connect to each "host:port" at once, from the namespace `enter` (a command
+    prefix; none: this one). Each gives connected, refused, or no answer (dropped)."""
+    result = subprocess.run(
+        [*enter, sys.executable, "-c", _PROBE, json.dumps(list(targets)), str(timeout)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60, check=True)
+    return json.loads(result.stdout)
+
+
 def expand(value: str, env: dict) -> str:
     """Kubernetes' $(VAR) expansion in command and args (unknown names stay as written)."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
@@ -232,13 +241,8 @@ class Pods:
         return rulesets
 
     def probe(self, ns, targets, timeout=1.0):
-        """From namespace `ns`, a TCP connect to each "host:port": connected, refused,
-        no answer (dropped on the way in) or blocked (dropped on the way out)."""
-        result = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", _PROBE, json.dumps(list(targets)),
-             str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            timeout=60, check=True)
-        return json.loads(result.stdout)
+        """`probe` from network namespace `ns` (a pod's or an outsider's)."""
+        return probe(targets, timeout, enter=["ip", "netns", "exec", ns])
 
     def start(self, i, command, env, cwd):
         """Runs `command` in pod i with `env` (plus what Kubernetes adds)."""
