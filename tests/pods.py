@@ -97,7 +97,7 @@ def nft_ruleset(policy: dict, endpoints) -> str:
                   "    ct state established,related accept",
                   f"    {interface} lo accept"]
         for rule in spec.get(kind.lower(), []):
-            lines += [f"    {match} accept".replace("     accept", "    accept")
+            lines += [f"    {match} accept" if match else "    accept"
                       for match in _rule_matches(rule, "from" if kind == "Ingress" else "to",
                                                  direction, endpoints)]
         lines.append("  }")

@@ -6,6 +6,7 @@ host on the LAN would see. Every namespace, link and process is removed at
 the end of each test.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -65,8 +66,6 @@ def launch(tmp_path, program, *flags):
 
 def ranks(tmp_path, timeout=60):
     """(pid, network namespace, worker port) of each rank, once every rank has started."""
-    import json
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         files = [tmp_path / f"rank.{r}" for r in range(NPROC)]

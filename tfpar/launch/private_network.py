@@ -91,10 +91,12 @@ class PrivateNetwork:
         return self
 
     def command(self, command: Sequence[str]) -> list[str]:
-        """`command`, run inside the namespace and killed if this process dies.
+        """`command`, run inside the namespace and killed if its starter dies.
 
         setpriv and nsenter each exec the next program: the process started
-        is the command itself (same pid, same process group).
+        is the command itself (same pid, same process group). The kernel
+        sends the parent-death signal when the thread that started it exits:
+        start it from the thread that waits for it.
         """
         if self._fd is None:
             raise PrivateNetworkError("the private network is not open")
