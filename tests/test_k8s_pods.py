@@ -3,7 +3,9 @@
 Each pod runs exactly the container command of the manifest `tfpar k8s
 render` writes, with the manifest's environment plus what Kubernetes adds
 (JOB_COMPLETION_INDEX, HOSTNAME), so discovery, name resolution, training,
-failure detection and preemption are exercised as in a cluster.
+failure detection and preemption are exercised as in a cluster. The
+uninterrupted run also enforces the manifest's NetworkPolicy with nftables
+(`pods.Pods.enforce`) and probes it from namespaces that are not the job's.
 """
 
 import itertools
@@ -26,6 +28,9 @@ pytestmark = pytest.mark.multiprocess
 REASON = pods.unavailable_reason()
 needs_netns = pytest.mark.skipif(REASON is not None,
                                  reason=f"network namespaces unavailable: {REASON}")
+NFT_REASON = REASON or pods.nft_unavailable_reason()
+needs_nft = pytest.mark.skipif(NFT_REASON is not None,
+                               reason=f"NetworkPolicy emulation unavailable: {NFT_REASON}")
 NAME, WORKERS = "mlp", 3
 # 48 = 3 workers x 16: the global batch divides evenly, so the 3-pod run is
 # the single-process run up to float summation order.
@@ -33,18 +38,29 @@ TRAINING = ["--epochs=3", "--examples=288", "--global_batch_size=48"]
 _tags = itertools.count()
 
 
-def render(tmp_path, *worker_flags):
-    """Renders the Indexed Job; returns the worker container (command and env)."""
+# Egress closed but for the peers, DNS and a network no pod is in.
+EGRESS = "--egress=10.99.0.0/16:443"
+
+
+def render_job(tmp_path, *worker_flags, render_flags=()):
+    """Renders the Indexed Job; returns its documents by kind."""
     command = ["python", "tests/workers/mlp_worker.py", "--strategy=multi_worker", *TRAINING,
                *worker_flags]
     out = tmp_path / f"job{next(_tags)}.yaml"
     result = tfpar_cli("k8s", "render", f"--name={NAME}", "--image=tfpar:test",
                        f"--workers={WORKERS}", f"--checkpoint_dir={tmp_path / 'ckpt'}",
-                       f"--output={out}", "--", *command, timeout=60)
+                       *render_flags, f"--output={out}", "--", *command, timeout=60)
     assert result.returncode == 0, result.stdout
-    job = next(d for d in yaml.safe_load_all(out.read_text()) if d["kind"] == "Job")
-    (container,) = job["spec"]["template"]["spec"]["containers"]
+    documents = {d["kind"]: d for d in yaml.safe_load_all(out.read_text())}
+    (container,) = documents["Job"]["spec"]["template"]["spec"]["containers"]
     assert container["command"] == command  # passed through unchanged
+    return documents
+
+
+def render(tmp_path, *worker_flags):
+    """Renders the Indexed Job; returns the worker container (command and env)."""
+    (container,) = render_job(tmp_path, *worker_flags)["Job"]["spec"]["template"]["spec"][
+        "containers"]
     return container
 
 
@@ -55,6 +71,16 @@ def start_pods(network, container):
     return [network.start(i, container["command"], dict(base, JOB_COMPLETION_INDEX=str(i)),
                           cwd=REPO)
             for i in range(WORKERS)]
+
+
+def read_until(process, prefix, timeout=150):
+    """Reads `process`'s output up to a line starting with `prefix`; returns what it read."""
+    deadline, lines = time.monotonic() + timeout, []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(prefix) or time.monotonic() > deadline:
+            break
+    return "".join(lines)
 
 
 def wait_all(processes, timeout=180):
@@ -81,24 +107,49 @@ def network():
 
 @pytest.fixture(scope="module")
 def three_pod_run(tmp_path_factory):
-    """An uninterrupted 3-pod run and the single-process run it must equal."""
+    """An uninterrupted 3-pod run and the single-process run it must equal.
+
+    Where nftables works, the pods run under the rendered NetworkPolicy
+    (egress closed too, by EGRESS), and while they train, connections are
+    probed from two outsiders on the same bridge (pods of another tfpar
+    job: the same labels, another instance) and from pod 2.
+    Returns (single-process output, 3-pod output, pod outputs, probes or None).
+    """
     if REASON is not None:
         pytest.skip(f"network namespaces unavailable: {REASON}")
     tmp = tmp_path_factory.mktemp("pods")
     single = tmp / "single"
     run(worker_command("--strategy=one_device", *TRAINING, f"--out={single}"), check=True)
     out = tmp / "pods"
-    container = render(tmp, f"--out={out}")
+    # The sleep keeps the servers up while the probes run; it changes no weight.
+    documents = render_job(tmp, f"--out={out}", "--sleep_per_batch=0.1", render_flags=[EGRESS])
+    (container,) = documents["Job"]["spec"]["template"]["spec"]["containers"]
+    labels = documents["Job"]["spec"]["template"]["metadata"]["labels"]
+    other_job = dict(labels, **{"app.kubernetes.io/instance": "other"})
+    probes = None
     with pods.Pods([f"{NAME}-{i}" for i in range(WORKERS)], NAME,
-                   tag=f"{os.getpid() % 100000}-m") as network:
-        codes, outputs = wait_all(start_pods(network, container))
+                   tag=f"{os.getpid() % 100000}-m", outsiders=2) as network:
+        if NFT_REASON is None:
+            network.enforce(documents["NetworkPolicy"], [labels] * WORKERS, [other_job] * 2)
+        processes = start_pods(network, container)
+        head = read_until(processes[0], "Epoch 1/")  # every worker's server is up
+        if NFT_REASON is None:
+            workers = [f"{network.address(i)}:2222" for i in range(WORKERS)]
+            outsider = f"{network.outsider_address(0)}:80"  # nothing listens: refused
+            # Outsider first, pod 2 after: if pod 2 still connects, every server was up
+            # while the outsider knocked.
+            probes = {"outsider": network.probe(network.outsider_ns[0], workers),
+                      "pod": network.probe(network.pod_ns[2], [*workers, outsider]),
+                      "outsider to outsider": network.probe(network.outsider_ns[1], [outsider])}
+        codes, outputs = wait_all(processes)
+    outputs[0] = head + outputs[0]
     assert codes == [0] * WORKERS, outputs[0][-3000:] + outputs[1][-2000:]
-    return single, out, outputs
+    return single, out, outputs, probes
 
 
 @needs_netns
 def test_three_pods_train_to_the_single_process_weights(three_pod_run):
-    single, out, outputs = three_pod_run
+    single, out, _, _ = three_pod_run
     ref = weights(single)
     diffs = [max_abs_diff(ref, weights(out, r)) for r in range(WORKERS)]
     print(f"3-pod vs single process: max |dw| = {max(diffs):.2e}")
@@ -106,6 +157,20 @@ def test_three_pods_train_to_the_single_process_weights(three_pod_run):
     report = json.load(open(f"{out}.rank0.json"))
     assert report["workers"] == 3 and report["steps"] == 18
     assert max_abs_diff(ref, [w * 0 for w in ref]) > 1e-2  # training moved the weights
+
+
+@needs_nft
+def test_only_the_jobs_own_pods_reach_the_worker_port_while_the_job_trains(three_pod_run):
+    *_, probes = three_pod_run  # the job itself trained to the end (the fixture checks)
+    print(probes)
+    workers = [f"{pods.SUBNET}.{10 + i}:2222" for i in range(WORKERS)]
+    outsider = f"{pods.SUBNET}.200:80"
+    # Another job's pod: its SYNs are dropped by the pods' ingress rules.
+    assert probes["outsider"] == {w: "no answer" for w in workers}
+    # A pod of the job reaches every worker; its egress to the outsider is dropped,
+    # which, unfiltered, answers with a reset.
+    assert probes["pod"] == {**{w: "connected" for w in workers}, outsider: "no answer"}
+    assert probes["outsider to outsider"] == {outsider: "refused"}
 
 
 @needs_netns
@@ -149,7 +214,7 @@ def test_cutting_one_pods_link_makes_the_others_fail_fast(network, tmp_path):
 @needs_netns
 def test_sigterm_to_all_pods_checkpoints_and_the_relaunch_resumes_to_the_same_weights(
         three_pod_run, network, tmp_path):
-    _, clean, _ = three_pod_run
+    _, clean, _, _ = three_pod_run
     out = tmp_path / "resumed"
     container = render(tmp_path, f"--out={out}", "--sleep_per_batch=0.15",
                        "--backup_dir=$(TFPAR_CHECKPOINT_DIR)/backup", "--preemption")

@@ -31,6 +31,15 @@ K8S_RENDER_FLAGS = {
     "checkpoint_size": (flags.DEFINE_string, None,
         "Also create the checkpoint claim with this size ('100Gi')."),
     "output": (flags.DEFINE_string, None, "Write the YAML here instead of stdout."),
+    "network_policy": (flags.DEFINE_bool, True,
+        "Also render a NetworkPolicy: only the job's own pods may connect to the worker "
+        "port (2222), every other connection to the pods is refused. TensorFlow's gRPC "
+        "port has no authentication: a pod that reaches it can run ops in the workers. "
+        "--network_policy=false leaves it out (the pod network must then be trusted)."),
+    "egress": (flags.DEFINE_list, None,
+        "Restrict the pods' outgoing connections to their peers, DNS and these networks: "
+        "CIDR[:PORT],... (TCP port; none: any port), e.g. "
+        "--egress=10.0.0.0/8:443,0.0.0.0/0:443, or --egress=none. Default: unrestricted."),
 }
 
 
@@ -57,7 +66,8 @@ def run(fv, program) -> int:
             gpus_per_worker=fv.gpus_per_worker, cpu=fv.cpu, memory=fv.memory,
             namespace=fv.namespace, checkpoint_dir=fv.checkpoint_dir,
             checkpoint_claim=fv.checkpoint_claim, checkpoint_size=fv.checkpoint_size,
-            max_restarts=fv.max_restarts, grace_period_s=int(fv.grace_period))
+            max_restarts=fv.max_restarts, grace_period_s=int(fv.grace_period),
+            network_policy=fv.network_policy, egress=fv.egress)
         text = to_yaml(render(spec, fv.kind))
     except K8sSpecError as e:
         write_error("k8s render", str(e))
@@ -75,7 +85,8 @@ COMMAND = Command(
     summary="Kubernetes manifests for a multi-worker job",
     usage="--name NAME --image IMAGE --workers N [--kind indexed-job|jobset|tfjob] "
           "[--gpus_per_worker G] [--cpu C] [--memory M] [--checkpoint_dir PATH|URL] "
-          "[--output FILE] -- command [args...]",
+          "[--egress CIDR[:PORT],...|none] [--nonetwork_policy] [--output FILE] "
+          "-- command [args...]",
     example="tfpar k8s render --name lm --image registry.example.com/train:1 --workers 4 "
             "--kind=jobset -- python train.py --strategy=multi_worker",
     groups=(("k8s render", define_k8s_render_flags),),

@@ -1,7 +1,8 @@
 """Kubernetes: manifests for multi-worker jobs (`tfpar k8s render`).
 
 In-pod cluster discovery lives in `tfpar.cluster.discovery`; the exit codes
-that the manifests' failure policies act on live in `tfpar.exit_codes`. This
+that the manifests' failure policies act on live in `tfpar.exit_codes`; the
+NetworkPolicy that closes the workers' port lives in `network_policy`. This
 package does not import TensorFlow.
 """
 
@@ -16,6 +17,7 @@ from tfpar.k8s.manifests import (
     tfjob,
     to_yaml,
 )
+from tfpar.k8s.network_policy import EgressRule, network_policy, parse_egress
 
-__all__ = ["FORMATS", "PORT", "JobSpec", "K8sSpecError", "indexed_job", "jobset", "render",
-           "tfjob", "to_yaml"]
+__all__ = ["FORMATS", "PORT", "EgressRule", "JobSpec", "K8sSpecError", "indexed_job", "jobset",
+           "network_policy", "parse_egress", "render", "tfjob", "to_yaml"]

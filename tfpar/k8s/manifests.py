@@ -17,6 +17,10 @@ cluster without a hand-written TF_CONFIG:
   NAME-workers-0-i.NAME.
 - tfjob: a Kubeflow TFJob (kubeflow.org/v1); the operator writes TF_CONFIG.
 
+Every format also gets a NetworkPolicy (`tfpar.k8s.network_policy`): only
+the job's own pods may connect to the worker port, because TensorFlow's gRPC
+servers accept anyone who can reach them.
+
 Failure handling is the contract of `tfpar.exit_codes`: a worker exits with
 PREEMPTED after saving a checkpoint on SIGTERM and with PEER_LOST when a peer
 vanished; both restart the group and resume. Exit codes 1 and 2 (an uncaught
@@ -27,7 +31,7 @@ Example::
     >>> spec = JobSpec(name="mnist", image="registry/train:1", workers=2,
     ...                command=["python", "train.py", "--strategy=multi_worker"])
     >>> [d["kind"] for d in render(spec)]
-    ['Service', 'Job']
+    ['NetworkPolicy', 'Service', 'Job']
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import re
 from typing import Sequence
 
 from tfpar import exit_codes
+from tfpar.k8s.network_policy import EgressRule, network_policy, parse_egress
 
 FORMATS = ("indexed-job", "jobset", "tfjob")
 PORT = 2222
@@ -89,6 +94,12 @@ class JobSpec:
         (Job backoffLimit, JobSet maxRestarts, TFJob backoffLimit).
       grace_period_s: seconds between SIGTERM and SIGKILL: time for the
         workers to agree on a step and write a checkpoint.
+      network_policy: also render a NetworkPolicy that lets only the job's
+        own pods reach the worker port.
+      egress: None: the pods' outgoing connections are not restricted;
+        otherwise `--egress` rules (see `network_policy.parse_egress`):
+        ["none"] or CIDR[:PORT] strings; the pods may then reach only their
+        peers, DNS, and these networks.
     """
 
     name: str
@@ -104,9 +115,13 @@ class JobSpec:
     checkpoint_size: str | None = None
     max_restarts: int = 3
     grace_period_s: int = 120
+    network_policy: bool = True
+    egress: Sequence[str] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "command", tuple(self.command))
+        if self.egress is not None:
+            object.__setattr__(self, "egress", tuple(self.egress))
         self._validate()
 
     def _validate(self) -> None:
@@ -154,6 +169,16 @@ class JobSpec:
             _check(bool(_DNS_LABEL.match(self.checkpoint_claim)),
                    f"--checkpoint_claim={self.checkpoint_claim!r}: a claim name is a "
                    "DNS-1123 label.")
+        if self.egress is not None:
+            _check(self.network_policy,
+                   "--egress rules are part of the NetworkPolicy, which "
+                   "--network_policy=false leaves out: drop one of the two.")
+            _egress_rules(self.egress)
+
+    @property
+    def egress_rules(self) -> tuple[EgressRule, ...] | None:
+        """The parsed `egress` (None: unrestricted)."""
+        return None if self.egress is None else _egress_rules(self.egress)
 
     @property
     def is_bucket(self) -> bool:
@@ -189,6 +214,13 @@ def _check(condition: bool, message: str) -> None:
         raise K8sSpecError(message)
 
 
+def _egress_rules(values) -> tuple[EgressRule, ...]:
+    try:
+        return parse_egress(values)
+    except ValueError as e:
+        raise K8sSpecError(str(e)) from None
+
+
 def _suggest_label(name) -> str:
     label = re.sub(r"[^a-z0-9-]+", "-", str(name or "job").lower()).strip("-")
     return label[:50] or "job"
@@ -199,6 +231,31 @@ def _labels(spec: JobSpec) -> dict:
     return {"app.kubernetes.io/name": "tfpar", "app.kubernetes.io/instance": spec.name,
             "app.kubernetes.io/component": "worker",
             "app.kubernetes.io/managed-by": "tfpar"}
+
+
+def _pod_selector(spec: JobSpec) -> dict:
+    """Labels that pick out this job's pods, in every format.
+
+    These are labels of the pod template as rendered (`_labels`), which each
+    controller keeps on the pods it creates: the Job controller (indexed-job;
+    it adds batch.kubernetes.io/job-name), JobSet (adds
+    jobset.sigs.k8s.io/jobset-name, replicatedjob-name, job-index) and the
+    TFJob operator (adds training.kubeflow.org/job-name, replica-type,
+    replica-index; earlier tf-operator releases used other names). The
+    controllers' labels are not used: they differ between controllers and
+    their versions, and a selector naming a label the pods lack would leave
+    them unprotected (podSelector) or cut them apart (from).
+    """
+    labels = _labels(spec)
+    return {key: labels[key] for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                                         "app.kubernetes.io/component")}
+
+
+def _network_policy(spec: JobSpec) -> list[dict]:
+    if not spec.network_policy:
+        return []
+    return [network_policy(metadata=_metadata(spec), selector=_pod_selector(spec), port=PORT,
+                           egress=spec.egress_rules)]
 
 
 def _metadata(spec: JobSpec, name: str | None = None) -> dict:
@@ -352,7 +409,7 @@ def indexed_job(spec: JobSpec) -> list[dict]:
     }
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(spec),
            "spec": _job_spec(spec, "indexed-job", spec.max_restarts)}
-    return _claim(spec) + [service, job]
+    return _claim(spec) + _network_policy(spec) + [service, job]
 
 
 def jobset(spec: JobSpec) -> list[dict]:
@@ -360,7 +417,7 @@ def jobset(spec: JobSpec) -> list[dict]:
     # backoffLimit 0: a pod that fails fails its Job at once, and JobSet then
     # recreates every Job, so all workers restart together from the backup.
     job_spec = _job_spec(spec, "jobset", backoff_limit=0)
-    return _claim(spec) + [{
+    return _claim(spec) + _network_policy(spec) + [{
         "apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
         "metadata": _metadata(spec),
         "spec": {
@@ -384,7 +441,7 @@ def tfjob(spec: JobSpec) -> list[dict]:
     """A Kubeflow TFJob for clusters that still run the legacy training-operator."""
     pod = _pod_spec(spec, "tfjob")
     pod.pop("restartPolicy")  # the replica spec's restartPolicy governs
-    return _claim(spec) + [{
+    return _claim(spec) + _network_policy(spec) + [{
         "apiVersion": "kubeflow.org/v1", "kind": "TFJob",
         "metadata": _metadata(spec),
         "spec": {

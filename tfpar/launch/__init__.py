@@ -1,4 +1,4 @@
-"""Starting multi-worker jobs: locally (`Launcher`), later on Kubernetes."""
+"""Starting multi-worker jobs on this host: `Launcher`, optionally in a private network."""
 
 from tfpar.launch.launcher import Launcher, LaunchError, free_ports
 

@@ -15,6 +15,11 @@ contract of `tfpar.exit_codes`, which the Kubernetes manifests of
   script with `tfpar.callbacks.BackupAndRestore` then resumes from its
   backup), and ends the launch with the last code once they are used up.
 
+Every rank's gRPC server listens on all of the host's interfaces (that is
+TensorFlow's, whatever TF_CONFIG says), so other hosts can reach it; with
+`private_network=True` (`--private_network`) all ranks share a network
+namespace of their own with loopback only (`tfpar.launch.private_network`).
+
 Example::
 
     $ tfpar launch --nproc 2 -- python train.py --strategy=multi_worker
@@ -41,6 +46,7 @@ from typing import Mapping, Sequence, TextIO
 
 from tfpar import exit_codes
 from tfpar.cluster import Cluster
+from tfpar.launch import private_network
 
 # Environment each process gets besides TF_CONFIG.
 ENV_RANK = "TFPAR_RANK"
@@ -121,6 +127,9 @@ class Launcher:
       tail_lines: lines of a failed process's output to show.
       env: extra environment for every process.
       out: where the prefixed output goes.
+      private_network: run every rank in one new network namespace with
+        loopback only, so no other host (nor the host itself) reaches the
+        ranks' ports; the ranks then reach no network either. Linux, root.
     """
 
     nproc: int
@@ -130,6 +139,7 @@ class Launcher:
     tail_lines: int = 20
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     out: TextIO = sys.stdout
+    private_network: bool = False
 
     def __post_init__(self):
         if self.nproc < 1:
@@ -138,9 +148,17 @@ class Launcher:
             raise LaunchError(f"--max_restarts={self.max_restarts}: must be >= 0.")
         if self.grace_period_s < 0:
             raise LaunchError(f"--grace_period={self.grace_period_s}: must be >= 0.")
+        if self.private_network:
+            reason = private_network.unavailable_reason()
+            if reason is not None:
+                raise LaunchError(f"--private_network: {reason}.")
+            if self.host != "127.0.0.1":
+                raise LaunchError(f"--private_network: host={self.host!r}, but the ranks' "
+                                  "only interface is loopback; use 127.0.0.1.")
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._stopping = False
+        self._network = private_network.PrivateNetwork()
 
     # ----------------------------------------------------------------- output
     def _say(self, line: str) -> None:
@@ -193,8 +211,11 @@ class Launcher:
                 ENV_RESTART: str(attempt),
                 "PYTHONUNBUFFERED": "1",
             })
+            argv = list(command)
+            if self._network.is_open:
+                argv = self._network.command(argv)
             process = subprocess.Popen(
-                list(command), env=env, stdin=subprocess.DEVNULL,
+                argv, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 # A session of its own: the group can be signalled as a whole,
                 # children of the training script included.
@@ -270,6 +291,12 @@ class Launcher:
             for s in previous:
                 signal.signal(s, on_signal)
         try:
+            if self.private_network:
+                try:
+                    # One namespace for the whole launch; a fresh one has every port free.
+                    self._network.open()
+                except private_network.PrivateNetworkError as e:
+                    raise LaunchError(f"--private_network: {e}.") from None
             for attempt in range(self.max_restarts + 1):
                 self._start(command, attempt)
                 failed = self._watch()
@@ -308,4 +335,5 @@ class Launcher:
                     signal.signal(s, handler)
             if not self._stopping:
                 self.stop_all()
+            self._network.close()
         return 1
