@@ -21,16 +21,23 @@ from __future__ import annotations
 
 import keras
 
+from tfpar import recompute as tfpar_recompute
 from tfpar.models.shapes import SIZES, GPTConfig, config  # noqa: F401  (re-exported)
 
 
 @keras.saving.register_keras_serializable(package="tfpar")
 class TransformerBlock(keras.layers.Layer):
-    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), causal attention."""
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), causal attention.
 
-    def __init__(self, hidden, heads, mlp_ratio=4, dropout=0.0, **kwargs):
+    `recompute`: "none", "selective" (the attention is computed again in the
+    backward instead of keeping its scores) or "full" (the whole block is):
+    see `tfpar.recompute`.
+    """
+
+    def __init__(self, hidden, heads, mlp_ratio=4, dropout=0.0, recompute="none", **kwargs):
         super().__init__(**kwargs)
         self.hidden, self.heads, self.mlp_ratio, self.dropout = hidden, heads, mlp_ratio, dropout
+        self.recompute = tfpar_recompute.check(recompute, dropout)
         self.ln_1 = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_1")
         self.attention = keras.layers.MultiHeadAttention(
             heads, hidden // heads, dropout=dropout, name="attention")
@@ -47,14 +54,26 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp_down.build((*input_shape[:-1], self.hidden * self.mlp_ratio))
 
     def call(self, x, training=False):
+        if self.recompute == "full":
+            return tfpar_recompute.wrap(lambda h: self._forward(h, training))(x)
+        return self._forward(x, training)
+
+    def _forward(self, x, training):
         h = self.ln_1(x)
-        x = x + self.attention(h, h, use_causal_mask=True, training=training)
+
+        def attend(h):
+            return self.attention(h, h, use_causal_mask=True, training=training)
+
+        if self.recompute == "selective":
+            attend = tfpar_recompute.wrap(attend)
+        x = x + attend(h)
         h = self.mlp_down(self.mlp_up(self.ln_2(x)))
         return x + self.drop(h, training=training)
 
     def get_config(self):
         return {**super().get_config(), "hidden": self.hidden, "heads": self.heads,
-                "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
+                "mlp_ratio": self.mlp_ratio, "dropout": self.dropout,
+                "recompute": self.recompute}
 
 
 @keras.saving.register_keras_serializable(package="tfpar")
@@ -84,8 +103,12 @@ class PositionEmbedding(keras.layers.Layer):
         return {**super().get_config(), "seq_len": self.seq_len, "hidden": self.hidden}
 
 
-def gpt(size: str | GPTConfig = "tiny", name: str = "gpt") -> keras.Model:
-    """Builds the reference GPT (a functional model of named blocks)."""
+def gpt(size: str | GPTConfig = "tiny", name: str = "gpt", recompute: str = "none") -> keras.Model:
+    """Builds the reference GPT (a functional model of named blocks).
+
+    `recompute`: activation recomputation of every block, "none",
+    "selective" or "full" (`tfpar.recompute`).
+    """
     cfg = config(size)
     tokens = keras.Input((None,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(
@@ -94,7 +117,7 @@ def gpt(size: str | GPTConfig = "tiny", name: str = "gpt") -> keras.Model:
     x = x + PositionEmbedding(cfg.seq_len, cfg.hidden, name="position_embedding")(tokens)
     for i in range(cfg.layers):
         x = TransformerBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.dropout,
-                             name=f"block_{i}")(x)
+                             recompute=recompute, name=f"block_{i}")(x)
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_f")(x)
     logits = keras.layers.Dense(cfg.vocab, name="lm_head", dtype="float32")(x)
     return keras.Model(tokens, logits, name=name)
