@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tfpar import recompute
 from tfpar.models.shapes import GPTConfig, config as gpt_shape
 
 # Vocabularies are padded to a multiple of this (Megatron's practice): a
@@ -29,6 +30,7 @@ class TrainConfig:
     heads: int | None = None
     seq_len: int | None = None
     dropout: float = 0.0
+    recompute: str = "none"  # tfpar.recompute.MODES
     dataset: str = "python_stdlib"  # tfpar.data.corpus.DEFAULT_DATASET
     data_dir: str | None = None
     text_key: str = "text"
@@ -77,6 +79,10 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"--min_lr_ratio={self.min_lr_ratio}: must be in [0, 1].")
         need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0: no clipping).")
         need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1).")
+        try:
+            recompute.check(self.recompute, self.dropout)
+        except recompute.RecomputeError as e:
+            raise TrainConfigError(f"--{e}") from e
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The model's shape: the size preset, overridden by the shape flags."""

@@ -21,6 +21,7 @@ import dataclasses
 from absl import flags
 
 from tfpar import flags as tfpar_flags
+from tfpar import recompute
 from tfpar.models import flags as model_flags
 from tfpar.train.config import TrainConfig, TrainConfigError
 
@@ -62,6 +63,9 @@ TRAIN_FLAGS = {
     "grad_accum_steps": (flags.DEFINE_integer,
         "Global batches whose gradients are averaged into one optimizer step."),
     "dropout": (flags.DEFINE_float, "Dropout rate in the blocks."),
+    "recompute": (tfpar_flags.enum_flag(recompute.MODES),
+        "Activation recomputation of each block: none, selective (the attention core) "
+        "or full (the whole block): less memory for about 1/3 more compute (full)."),
     "seed": (flags.DEFINE_integer, "Initialization and data order."),
     # Outputs.
     "output_dir": (flags.DEFINE_string,
@@ -81,7 +85,8 @@ _FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
 # The flags TrainConfig's rules read; checked together when the flags are
 # parsed, so a bad combination fails before TensorFlow starts.
 _CHECKED = ["train_steps", "eval_every", "eval_batches", "grad_accum_steps", "warmup_steps",
-            "lr_decay_steps", "learning_rate", "min_lr_ratio", "clip_norm", "dropout"]
+            "lr_decay_steps", "learning_rate", "min_lr_ratio", "clip_norm", "dropout",
+            "recompute"]
 
 
 def _valid(values) -> bool:

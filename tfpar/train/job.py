@@ -274,7 +274,7 @@ def _compiled_gpt(config, shape, strategy):
     optimizer steps; clipping and accumulation follow the all-reduce)."""
     k = config.grad_accum_steps
     with strategy.scope():
-        model = tfpar.models.gpt(shape)
+        model = tfpar.models.gpt(shape, recompute=config.recompute)
         optimizer = keras.optimizers.AdamW(
             WarmupCosine(config.learning_rate, config.warmup_steps,
                          config.lr_decay_steps or config.train_steps, config.min_lr_ratio,
