@@ -129,11 +129,12 @@ def test_gpt_matches_one_device_after_10_adamw_steps(stages, microbatches, sched
 
 
 # Interleaved, ZB-H1 and ZBV: K in {2, 4} x M in {4, 8} on the MLP; on the GPT
-# one case per schedule and K (tracing a GPT pipeline costs 10-30 s on 2 cores).
+# one case per schedule at K=4 and ZBV at K=2 (a GPT pipeline of 8 stages costs
+# 40-190 s of tracing on 2 busy cores; (interleaved, 2, 4) and (zb_h1, 2, 8) also
+# passed during development).
 NEW_SCHEDULES = ("interleaved_1f1b", "zb_h1", "zbv")
 NEW_GRID = [(s, k, m) for s in NEW_SCHEDULES for k in (2, 4) for m in (4, 8)]
-NEW_GPT_GRID = [("interleaved_1f1b", 2, 4), ("interleaved_1f1b", 4, 8), ("zb_h1", 2, 8),
-                ("zb_h1", 4, 4), ("zbv", 2, 8), ("zbv", 4, 4)]
+NEW_GPT_GRID = [("interleaved_1f1b", 4, 8), ("zb_h1", 4, 4), ("zbv", 2, 8), ("zbv", 4, 4)]
 
 
 def deep_enough(case, schedule, stages):

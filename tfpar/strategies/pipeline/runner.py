@@ -79,7 +79,7 @@ class Stage:
         self.weighted = []  # (operation, its output KerasTensors)
         if layer_outputs is not None:
             self.weighted = [(op, outs) for op, outs in zip(spec.operations, layer_outputs)
-                             if op.trainable_weights]
+                             if getattr(op, "trainable_weights", None)]
             flat_out = keras.tree.flatten(spec.outputs)
             # A Keras model cannot list one tensor twice among its outputs.
             unique, self._where = list(flat_out), []
