@@ -1,14 +1,18 @@
-"""Pipeline schedules measured: step time vs ideal, bubble vs theory, stash; GPT throughput.
+"""Pipeline schedules measured: step time and bubble vs ideal, stash; GPT throughput.
 
-    python bench/pipeline.py            # K = 2, 4 x M = 4, 8, 16, both schedules; GPT
-    python bench/pipeline.py --quick    # fewer steps
+    python bench/pipeline.py                 # K=4, M=8: 1F1B, interleaved, ZB-H1, ZBV (+ GPipe)
+    python bench/pipeline.py --png docs/pipeline_schedules.png   # and draw the measured timelines
+    python bench/pipeline.py --gpt           # also the reference GPT's tokens/s
 
-Part 1 uses stages of fixed cost (`tfpar.strategies.pipeline.FixedCost`: a forward of
-F seconds, a backward of 2F) so the measured step can be compared with the
-ideal schedule (`Schedule.simulate`) and the bubble with (K-1)/(M+K-1).
-Part 2 trains the reference GPT on one device and pipelined over simulated
-CPU devices. Simulated devices share the host's cores: the ratio shows the
-runner's overhead here, not the speed-up of real devices.
+Stages of fixed cost (`tfpar.strategies.pipeline.FixedCost`): per device a
+forward of F seconds, an input gradient of B and a weight gradient of W
+(default 20 ms each; a device of V virtual stages runs V stages of 1/V of
+that). The measured step is compared with the ideal (`Schedule.simulate`)
+twice: from the timeline (spans recorded by a marker per action, which
+costs about a millisecond each) and from the wall-clock time of `fit`
+steps without a timeline. Simulated devices share the host's cores: the
+sleeps make the timing independent of the CPU's load, not of its wake-up
+latency.
 """
 
 import argparse
@@ -25,37 +29,94 @@ tfpar.simulate_devices(4)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfpar.strategies.pipeline import FixedCost  # noqa: E402
+from tfpar.strategies.pipeline import FixedCost, schedules  # noqa: E402
+
+COMPARED = ("1f1b", "interleaved_1f1b", "zb_h1", "zbv", "gpipe")
 
 
-def schedules_table(forward, steps):
-    rows = []
-    for stages in (2, 4):
-        for microbatches in (4, 8, 16):
-            for schedule in ("gpipe", "1f1b"):
-                strategy = tfpar.Pipeline(stages=stages, microbatches=microbatches,
-                                          schedule=schedule, record_timeline=True)
-                with strategy.scope():
-                    model = keras.Sequential([keras.Input((4,))] + [
-                        FixedCost(forward, 2 * forward, name=f"cost_{i}")
-                        for i in range(stages)])
-                    model.compile(optimizer="sgd", loss="mse")
-                x = np.ones((microbatches * 2 * steps, 4), "float32")
-                model.fit(x, x, batch_size=microbatches * 2, verbose=0)
-                timeline = strategy.timeline
-                best = min(timeline.steps(), key=timeline.step_time)
-                ideal = strategy.schedule.simulate(stages, microbatches, forward, 2 * forward)
-                rows.append({
-                    "K": stages, "M": microbatches, "schedule": schedule,
-                    "step_s": round(timeline.step_time(best), 4),
-                    "ideal_s": round(ideal["step_time"], 4),
-                    "step_over_ideal": round(timeline.step_time(best) / ideal["step_time"], 3),
-                    "bubble": round(timeline.bubble_fraction(best), 3),
-                    "bubble_theory": round((stages - 1) / (microbatches + stages - 1), 3),
-                    "peak_stash": max(timeline.peak_stash(best).values()),
-                })
-                print(json.dumps(rows[-1]), flush=True)
+def fixed_cost_run(name, stages, microbatches, seconds, steps, record):
+    v = schedules.get(name).virtual_stages
+    costs = [c / v for c in seconds]
+    _, points = FixedCost.stages(stages * v, *costs)
+    strategy = tfpar.Pipeline(split_points=points, microbatches=microbatches, schedule=name,
+                              record_timeline=record)
+    with strategy.scope():
+        model, _ = FixedCost.stages(stages * v, *costs)
+        model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((microbatches * 2 * steps, 4), "float32")
+    wall = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            wall.append(time.perf_counter() - self.start)
+
+    model.fit(x, 0.5 * x, batch_size=microbatches * 2, verbose=0, callbacks=[Clock()])
+    return strategy, wall[1:], strategy.schedule.simulate(stages, microbatches, *costs)
+
+
+def schedules_table(stages, microbatches, seconds, steps, png=None):
+    rows, drawn = [], {}
+    for name in COMPARED:
+        strategy, _, ideal = fixed_cost_run(name, stages, microbatches, seconds, steps, True)
+        _, wall, _ = fixed_cost_run(name, stages, microbatches, seconds, steps + 1, False)
+        timeline = strategy.timeline
+        best = min(timeline.steps(), key=timeline.step_time)
+        peaks = timeline.peak_stash(best)
+        rows.append({
+            "schedule": name, "K": stages, "M": microbatches,
+            "V": strategy.schedule.virtual_stages,
+            "ideal_s": round(ideal["step_time"], 4),
+            "step_timeline_s": round(timeline.step_time(best), 4),
+            "step_wall_s": round(min(wall), 4),
+            "timeline_over_ideal": round(timeline.step_time(best) / ideal["step_time"], 3),
+            "wall_over_ideal": round(min(wall) / ideal["step_time"], 3),
+            "bubble": round(timeline.bubble_fraction(best), 3),
+            "bubble_ideal": round(ideal["bubble_fraction"], 3),
+            "peak_stash": [peaks[(0, d)] for d in range(stages)],
+            "peak_stash_closed_form": strategy.schedule.peak_stash(stages, microbatches),
+        })
+        drawn[name] = (strategy.schedule, timeline.of_step(best))
+        print(json.dumps(rows[-1]), flush=True)
+    base = next(r for r in rows if r["schedule"] == "1f1b")
+    for r in rows:
+        r["ideal_vs_1f1b"] = round(r["ideal_s"] / base["ideal_s"], 3)
+        r["timeline_vs_1f1b"] = round(r["step_timeline_s"] / base["step_timeline_s"], 3)
+        r["wall_vs_1f1b"] = round(r["step_wall_s"] / base["step_wall_s"], 3)
+    if png:
+        draw(png, drawn, stages, microbatches, seconds)
     return rows
+
+
+def draw(path, drawn, stages, microbatches, seconds):
+    """The measured timelines of one step of each schedule, in milliseconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tfpar.plan.render import draw_schedule
+
+    names = [n for n in drawn if n != "gpipe"]
+    fig, axes = plt.subplots(len(names), 1, figsize=(12, 0.6 + len(names) * 2.1), dpi=100,
+                             sharex=True)
+    for ax, name in zip(axes, names):
+        schedule, spans = drawn[name]
+        origin = min(s.start for s in spans)
+        by_action = {schedules.Action(s.kind, s.model_stage, s.microbatch):
+                     (s.start - origin, s.end - origin) for s in spans}
+        draw_schedule(ax, schedule, stages, microbatches, by_action, unit=1e-3,
+                      note=f" (measured, step {max(e for _, e in by_action.values()) * 1e3:.0f} "
+                           "ms)")
+    axes[-1].set_xlabel("ms")
+    f, b, w = (round(x * 1e3) for x in seconds)
+    fig.suptitle(f"K={stages} devices, M={microbatches} micro-batches, per device F={f} ms, "
+                 f"B={b} ms, W={w} ms (tfpar, 4 simulated CPU devices)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def gpt_throughput(steps, batch=32, seq_len=64):
@@ -94,13 +155,18 @@ class _null:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--forward", type=float, default=0.02, help="seconds per stage forward")
+    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--cost", type=float, default=0.02,
+                        help="seconds per device of a forward, an input and a weight gradient")
+    parser.add_argument("--png", default=None, help="draw the measured timelines here")
+    parser.add_argument("--gpt", action="store_true", help="also the GPT's tokens/s")
     args = parser.parse_args()
     steps = 2 if args.quick else 3
-    table = schedules_table(args.forward, steps)
-    gpt = gpt_throughput(5 if args.quick else 10)
-    print(json.dumps({"schedules": table, "gpt": gpt}, indent=1))
+    table = schedules_table(4, 8, (args.cost,) * 3, steps, args.png)
+    result = {"schedules": table}
+    if args.gpt:
+        result["gpt"] = gpt_throughput(5 if args.quick else 10)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ def parse(*argv):
     (["--strategy=pipeline", "--pipeline_stages=4", "--num_simulated_devices=2"],
      "--num_simulated_devices=2 is fewer than the 4 devices"),
     (["--strategy=pipeline", "--schedule=zigzag"], "value should be one of"),
+    (["--strategy=pipeline", "--schedule=1f1b", "--virtual_stages=2"],
+     "--schedule=1f1b --virtual_stages=2: schedule '1f1b' runs 1 stage(s) per device"),
+    (["--pp=4", "--schedule=interleaved_1f1b", "--microbatches=6"],
+     "--schedule=interleaved_1f1b --microbatches=6: schedule 'interleaved_1f1b' with 4 "
+     "devices needs a number of micro-batches that divides by 4"),
+    (["--strategy=data", "--virtual_stages=2"], "configure the pipeline, but --strategy=data"),
     (["--train_steps=50", "--eval_every=20"], "not a multiple of --eval_every=20"),
     (["--grad_accum_steps=0"], "--grad_accum_steps=0: must be >= 1"),
     (["--model=gpt5"], "--model=gpt5: use one of"),

@@ -1,5 +1,7 @@
 """ParallelDims: the degrees, their product, the mesh order, and the errors (pure Python)."""
 
+import re
+
 import pytest
 
 from tfpar.parallel_dims import ParallelDims, ParallelDimsError
@@ -52,9 +54,16 @@ def test_the_product_must_equal_the_devices_and_the_error_names_every_degree_and
     ({"tp": 1.5}, "tp=1.5"),
     ({"pp": True}, "pp=True"),
     ({"schedule": "zigzag"}, "schedule='zigzag': use one of"),
+    ({"pp": 4, "schedule": "1f1b", "virtual_stages": 2},
+     "virtual_stages=2: schedule '1f1b' runs 1 stage(s) per device; use "
+     "schedule='interleaved_1f1b'"),
+    ({"pp": 4, "schedule": "zbv", "virtual_stages": 3}, "schedule 'zbv' runs 2 stage(s)"),
+    ({"pp": 4, "microbatches": 6, "schedule": "interleaved_1f1b"},
+     "divides by 4 (it sends them in rounds of one per device), got 6; use e.g. "
+     "microbatches=8"),
 ])
 def test_bad_degrees_are_refused_naming_the_value_and_the_rule(kwargs, message):
-    with pytest.raises(ParallelDimsError, match=message.replace("(", r"\(")):
+    with pytest.raises(ParallelDimsError, match=re.escape(message)):
         ParallelDims(**kwargs)
 
 
@@ -87,3 +96,13 @@ def test_flags_and_dicts_round_trip():
     with pytest.raises(ParallelDimsError, match=r"unknown parallel degree\(s\) \['cp'\]"):
         ParallelDims.from_dict({"dp": 2, "cp": 2})
     assert str(dims) == "pp 4 x dp 2" and str(ParallelDims()) == "one device"
+
+
+def test_virtual_stages_default_to_the_schedules_and_round_trip():
+    assert ParallelDims(pp=4, microbatches=8, schedule="zbv").virtual_stages == 2
+    assert ParallelDims(pp=4, microbatches=8, schedule="zb_h1").virtual_stages == 1
+    dims = ParallelDims(pp=4, microbatches=8, schedule="interleaved_1f1b", virtual_stages=3)
+    assert dims.flags() == ["--pp=4", "--microbatches=8", "--schedule=interleaved_1f1b",
+                            "--virtual_stages=3"]
+    assert ParallelDims.from_dict(dims.describe()) == dims
+    assert dims.describe()["virtual_stages"] == 3

@@ -17,8 +17,8 @@ has parsed them::
 
     $ python train.py --dp=2 --tp=2 --num_simulated_devices=4 --global_batch_size=128
 
-Parallel degrees: `--dp`, `--fsdp`, `--tp`, `--pp` (with `--microbatches`
-and `--schedule`) give a `tfpar.ParallelDims`; `--strategy`, `--mesh`,
+Parallel degrees: `--dp`, `--fsdp`, `--tp`, `--pp` (with `--microbatches`,
+`--schedule` and `--virtual_stages`) give a `tfpar.ParallelDims`; `--strategy`, `--mesh`,
 `--pipeline_stages` and `--pipeline_replicas` are shorthands for the same
 thing (`--strategy=tensor --mesh=batch:2,model:2` is `--dp=2 --tp=2`).
 Flags that say different things are refused.
@@ -126,7 +126,11 @@ def define_schedule_flag(fv: flags.FlagValues) -> None:
     """--schedule: the pipeline schedule."""
     flags.DEFINE_enum("schedule", "1f1b", SCHEDULES,
                       "pipeline: gpipe (all forwards, then all backwards; stashes M "
-                      "micro-batches) or 1f1b (same bubble, stashes at most K).",
+                      "micro-batches), 1f1b (same bubble, stashes at most K), "
+                      "interleaved_1f1b (V stages per device: bubble V times smaller; M a "
+                      "multiple of K), zb_h1 (backward split in input and weight gradients: "
+                      "a third of the bubble, 1F1B's peak memory) or zbv (V shape, 2 stages "
+                      "per device, split backward: bubble near zero).",
                       flag_values=fv)
 
 
@@ -193,6 +197,10 @@ STRATEGY_FLAGS = {
     "split_points": (flags.DEFINE_list, [],
         "pipeline: names of the layers that begin stages 1..K-1, e.g. block_2,block_4 "
         "(default: balanced automatic cuts)."),
+    "virtual_stages": (flags.DEFINE_integer, 0,
+        "pipeline: model stages per device V, for --schedule=interleaved_1f1b (default 2; "
+        "the model is cut into K x V stages, device d holding d, d+K, ...) and zbv "
+        "(always 2). 0: the schedule's own."),
     "pipeline_replicas": (flags.DEFINE_integer, 1,
         "pipeline: data-parallel copies of the pipeline on this host, the same as --dp "
         "(stages x replicas devices)."),
@@ -229,9 +237,12 @@ def define_strategy_flags(fv: flags.FlagValues) -> None:
                    _cluster_hosts)
     register_multi(["strategy", "all_reduce"], _all_reduce_fits_strategy)
     register_multi(["strategy", "pipeline_stages", "microbatches", "split_points",
-                    "pipeline_replicas", "num_simulated_devices", "dp", "pp"], _pipeline_flags)
+                    "pipeline_replicas", "num_simulated_devices", "dp", "pp", "schedule",
+                    "virtual_stages"], _pipeline_flags)
     register_multi(["strategy", "mesh", "pipeline_stages", "split_points", "pipeline_replicas",
-                    *DEGREES], _shorthands_agree)
+                    "schedule", "virtual_stages", *DEGREES], _shorthands_agree)
+    register_multi(["schedule", "virtual_stages", "microbatches", "pipeline_stages",
+                    "split_points", "pp"], _schedule_fits)
 
 
 # ------------------------------------------------------------------ validators
@@ -326,30 +337,60 @@ def _pipeline_flags(f) -> bool:
     for name in ("pipeline_stages", "microbatches", "pipeline_replicas"):
         low = 0 if name == "pipeline_stages" else 1
         _check(f[name] >= low, f"--{name}={f[name]}: must be >= {low}.")
-    stages, points = f["pipeline_stages"], f["split_points"]
+    stages, points, v = f["pipeline_stages"], f["split_points"], _virtual_stages(f)
     if points:
         _check(len(set(points)) == len(points),
                f"--split_points={','.join(points)}: names a layer twice; each split point "
                "begins a new stage.")
-        _check(not stages or stages == len(points) + 1,
+        _check(not stages or stages * v == len(points) + 1,
                f"--pipeline_stages={stages} but --split_points={','.join(points)} make "
-               f"{len(points) + 1} stages; give K-1 split points for K stages, or drop "
-               "--pipeline_stages.")
+               f"{len(points) + 1} stages; give K x V - 1 split points for K devices of V "
+               f"stages (V={v}), or drop --pipeline_stages.")
     pipeline = f["strategy"] == "pipeline" or (f["pp"] or 1) > 1
     pipeline_only = [f"--{n}" for n, default in (("pipeline_stages", 0), ("microbatches", 1),
-                                                  ("pipeline_replicas", 1))
+                                                  ("pipeline_replicas", 1),
+                                                  ("virtual_stages", 0))
                      if f[n] != default] + (["--split_points"] if points else [])
     if pipeline_only:
         _check(pipeline,
                f"{', '.join(pipeline_only)} configure the pipeline, but --strategy="
                f"{f['strategy']}; add --strategy=pipeline (or --pp=K) or drop them.")
     if pipeline and f["num_simulated_devices"]:
-        need = (max(stages, len(points) + 1, f["pp"] or 0)
+        need = (max(stages, (len(points) + 1) // v, f["pp"] or 0)
                 * max(f["pipeline_replicas"], f["dp"] or 1))
         _check(need < 2 or f["num_simulated_devices"] >= need,
                f"--num_simulated_devices={f['num_simulated_devices']} is fewer than the "
                f"{need} devices the pipeline needs (stages x replicas); use "
                f"--num_simulated_devices={need}.")
+    return True
+
+
+def _virtual_stages(f) -> int:
+    """V: --virtual_stages, or the schedule's own (0 or absent)."""
+    from tfpar.strategies.pipeline.schedules import default_virtual_stages
+
+    return f.get("virtual_stages") or default_virtual_stages(f.get("schedule", "1f1b"))
+
+
+def _schedule_fits(f) -> bool:
+    from tfpar.strategies.pipeline import schedules
+
+    schedule, v = f["schedule"], f["virtual_stages"]
+    _check(v >= 0, f"--virtual_stages={v}: must be >= 0 (0: the schedule's own).")
+    v = v or schedules.default_virtual_stages(schedule)
+    reason = schedules.virtual_stages_error(schedule, v)
+    _check(reason is None, f"--schedule={schedule} --{reason}.")
+    points = f["split_points"]
+    devices = f["pp"] or f["pipeline_stages"] or 0
+    if points and not devices:
+        _check((len(points) + 1) % v == 0,
+               f"--split_points make {len(points) + 1} stages, which do not fill K devices of "
+               f"--virtual_stages={v}; give K x {v} - 1 split points.")
+        devices = (len(points) + 1) // v
+    if devices > 1:
+        reason = schedules.get(schedule, v).check(devices, f["microbatches"])
+        _check(reason is None, f"--schedule={schedule} --microbatches={f['microbatches']}: "
+                               f"{reason}")
     return True
 
 
@@ -392,7 +433,8 @@ def _shorthand_degrees(f) -> dict[str, tuple[int, str]]:
             fixed.update({k: (getattr(mesh, k), f"--mesh={f['mesh']}") for k in DEGREES
                           if getattr(mesh, k) > 1 or k in ("dp", "tp")})
     if f["split_points"]:
-        fixed["pp"] = (len(f["split_points"]) + 1, f"--split_points={','.join(f['split_points'])}")
+        fixed["pp"] = ((len(f["split_points"]) + 1) // _virtual_stages(f),
+                       f"--split_points={','.join(f['split_points'])}")
     if f["pipeline_stages"]:
         fixed["pp"] = (f["pipeline_stages"], f"--pipeline_stages={f['pipeline_stages']}")
     if f["pipeline_replicas"] != 1:
@@ -521,7 +563,8 @@ def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
     elif name == "pipeline" and "pp" not in fixed:
         degrees["pp"] = max(1, _local_device_count(f) // degrees["dp"])
     if degrees["pp"] > 1:
-        return ParallelDims(**degrees, microbatches=f.microbatches, schedule=f.schedule)
+        return ParallelDims(**degrees, microbatches=f.microbatches, schedule=f.schedule,
+                            virtual_stages=f.virtual_stages or None)
     return ParallelDims(**degrees)
 
 

@@ -60,7 +60,11 @@ class ParallelDims:
       pp: pipeline stages.
       microbatches: micro-batches per batch and pipeline replica (pp > 1).
       schedule: the pipeline schedule, a name from
-        `tfpar.strategies.pipeline.schedules.SCHEDULES` ("gpipe", "1f1b").
+        `tfpar.strategies.pipeline.schedules.SCHEDULES` ("gpipe", "1f1b",
+        "interleaved_1f1b", "zb_h1", "zbv").
+      virtual_stages: V, model stages per pipeline device (the model is cut
+        into pp x V stages). None: the schedule's own (2 for "interleaved_1f1b"
+        and "zbv", else 1).
     """
 
     dp: int = 1
@@ -69,6 +73,7 @@ class ParallelDims:
     pp: int = 1
     microbatches: int = 1
     schedule: str = "1f1b"
+    virtual_stages: int | None = None
 
     def __post_init__(self):
         for name in ("dp", "fsdp", "tp", "pp", "microbatches"):
@@ -77,10 +82,25 @@ class ParallelDims:
                 raise ParallelDimsError(
                     f"{name}={value!r}: every parallel degree is a whole number >= 1 "
                     f"(1 turns that dimension off).")
-        from tfpar.strategies.pipeline.schedules import SCHEDULES  # pure: the one registry
+        from tfpar.strategies.pipeline import schedules  # pure: the one registry
 
-        if self.schedule not in SCHEDULES:
-            raise ParallelDimsError(f"schedule={self.schedule!r}: use one of {list(SCHEDULES)}.")
+        if self.schedule not in schedules.SCHEDULES:
+            raise ParallelDimsError(f"schedule={self.schedule!r}: use one of "
+                                    f"{list(schedules.SCHEDULES)}.")
+        if self.virtual_stages is None:
+            object.__setattr__(self, "virtual_stages",
+                               schedules.default_virtual_stages(self.schedule))
+        v = self.virtual_stages
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ParallelDimsError(f"virtual_stages={v!r}: stages per pipeline device is a "
+                                    "whole number >= 1.")
+        reason = schedules.virtual_stages_error(self.schedule, v)
+        if reason:
+            raise ParallelDimsError(reason + ".")
+        if self.pp > 1:
+            reason = schedules.get(self.schedule, v).check(self.pp, self.microbatches)
+            if reason:
+                raise ParallelDimsError(reason)
 
     # ----------------------------------------------------------- the degrees
     @property
@@ -193,6 +213,8 @@ class ParallelDims:
                if getattr(self, k) > 1]
         if self.pp_enabled:
             out += [f"--microbatches={self.microbatches}", f"--schedule={self.schedule}"]
+            if self.virtual_stages != _default_virtual_stages(self.schedule):
+                out.append(f"--virtual_stages={self.virtual_stages}")
         return out
 
     def describe(self) -> dict:
@@ -216,6 +238,12 @@ class ParallelDims:
     def __str__(self):
         return " x ".join(f"{k} {getattr(self, k)}" for k in ("pp", "dp", "fsdp", "tp")
                           if getattr(self, k) > 1) or "one device"
+
+
+def _default_virtual_stages(schedule: str) -> int:
+    from tfpar.strategies.pipeline.schedules import default_virtual_stages
+
+    return default_virtual_stages(schedule)
 
 
 def _parse_axes(spec: str) -> tuple[tuple[str, ...], tuple[int, ...]]:

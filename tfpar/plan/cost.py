@@ -20,16 +20,19 @@ Memory per device (the largest stage's device):
   accumulators when a replica accumulates micro-batches without a pipeline;
 - activations: per layer and micro-batch, s*b*h*(10 + 24/t + 5*a*s/(h*t))
   bytes at 16 bits (Korthikanti et al., 2022, tensor parallel without
-  sequence parallelism; x2 in float32), times the micro-batches a stage
-  holds at once under the schedule (1F1B: K - stage, GPipe: M), plus the
+  sequence parallelism; x2 in float32), times the micro-batches a device
+  holds at once under the schedule (its `peak_stash`, in stages of 1/V of
+  the device's layers: 1F1B K - stage, GPipe M, ZB-H1 K, ...), plus the
   float32 logits on the last stage. With full recomputation a layer keeps
   only its input (2 bytes x s*b*h) and one layer's activations are rebuilt
   at a time. tfpar's runtime does not recompute; the option exists to
   compare with published configurations, which do.
 
 Time per step: the model's FLOPs (`training_flops_per_token`, x4/3 with
-recomputation) at `efficiency` x peak, stretched by the pipeline bubble
-(K-1)/(M+K-1), plus communication that is not overlapped: tensor-parallel
+recomputation) at `efficiency` x peak, stretched by the pipeline bubble of
+the schedule (`Schedule.bubble_fraction`: its ideal timing with equal
+forward, input- and weight-gradient costs; (K-1)/(M+K-1) for GPipe and
+1F1B), plus communication that is not overlapped: tensor-parallel
 all-reduces (4 per layer and micro-batch), pipeline sends (each
 micro-batch's activation forward and its gradient back) and the
 data-parallel gradient all-reduce after the backward (as tf.distribute does
@@ -182,7 +185,10 @@ def memory(work: Workload, dims: ParallelDims, micro_batch: int) -> dict:
     m = microbatches(work, dims, micro_batch)
     params = stage_parameters(model, t, p)
     layers = stages(model, p)
-    in_flight = _peak_stash(work.schedule, p, m) if p > 1 else [1]
+    # Micro-batches' worth of a device's activations: peak_stash counts stages of
+    # 1/V of the device's layers.
+    v = schedule_of(work, dims).virtual_stages if p > 1 else 1
+    in_flight = [n / v for n in _peak_stash(work.schedule, v, p, m)] if p > 1 else [1]
     per_layer = activation_bytes_per_layer(work, micro_batch, t)
     tokens = model.seq_len * micro_batch
     accumulate = p == 1 and m > 1
@@ -203,9 +209,19 @@ def memory(work: Workload, dims: ParallelDims, micro_batch: int) -> dict:
     return max(rows, key=lambda r: r["total"])
 
 
+def schedule_of(work: Workload, dims: ParallelDims):
+    """The pipeline schedule a configuration runs (from the one registry)."""
+    return get_schedule(work.schedule, dims.virtual_stages)
+
+
 @functools.lru_cache(maxsize=None)
-def _peak_stash(schedule: str, stages: int, microbatches: int) -> list[int]:
-    return get_schedule(schedule).peak_stash(stages, microbatches)
+def _peak_stash(schedule: str, virtual_stages: int, stages: int, microbatches: int) -> list[int]:
+    return get_schedule(schedule, virtual_stages).peak_stash(stages, microbatches)
+
+
+@functools.lru_cache(maxsize=None)
+def _bubble(schedule: str, virtual_stages: int, stages: int, microbatches: int) -> float:
+    return get_schedule(schedule, virtual_stages).bubble_fraction(stages, microbatches)
 
 
 # --------------------------------------------------------------------- time
@@ -221,7 +237,7 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
     flops = tokens * model.training_flops_per_token() * (4 / 3 if work.recompute else 1)
     peak = hw.peak_tflops * 1e12
     compute = flops / (hw.devices * peak * hw.efficiency)
-    bubble = (p - 1) / (m + p - 1)
+    bubble = _bubble(work.schedule, dims.virtual_stages, p, m) if p > 1 else 0.0
     pipelined = compute / (1 - bubble)
 
     node = hw.devices_per_node

@@ -14,6 +14,7 @@ def as_json(plan: Plan, top: int = 20) -> dict:
     recommended = None
     if best is not None:
         recommended = {**best.as_dict(), "schedule": plan.work.schedule,
+                       "schedules": schedules_compared(best.dims.pp, best.microbatches),
                        "reasons": plan.reasons}
     return {"model": {**dataclasses.asdict(plan.work.model),
                       "parameters": plan.work.model.num_parameters},
@@ -56,42 +57,96 @@ def table(plan: Plan, top: int = 12) -> str:
               "M = micro-batches per replica;", "  - = tfpar cannot run it yet (tensor x "
               "pipeline, or a pipeline across hosts). Why this one:"]
     lines += [f"  - {r}" for r in plan.reasons]
+    if plan.best is not None and plan.best.dims.pp > 1:
+        best = plan.best
+        lines += ["", f"Schedules for pipeline={best.dims.pp}, M={best.microbatches} "
+                      f"(--schedule={w.schedule} above; ideal bubble, peak activations held "
+                      "per device in micro-batches):"]
+        for row in schedules_compared(best.dims.pp, best.microbatches):
+            if "refused" in row:
+                lines.append(f"  {row['schedule']:<17} {row['refused']}")
+            else:
+                lines.append(f"  {row['schedule']:<17} bubble {row['bubble']:>6.1%}   "
+                             f"stash {row['peak_stash']:g}")
     return "\n".join(lines)
 
 
+def schedules_compared(stages: int, microbatches: int) -> list[dict]:
+    """Every registered schedule at K stages and M micro-batches, least bubble first:
+    {schedule, virtual_stages, bubble, peak_stash (micro-batches of a device's layers)}."""
+    from tfpar.strategies.pipeline.schedules import SCHEDULES, get
+
+    rows = []
+    for name in SCHEDULES:
+        schedule = get(name)
+        reason = schedule.check(stages, microbatches)
+        if reason:
+            rows.append({"schedule": name, "refused": reason})
+            continue
+        v = schedule.virtual_stages
+        rows.append({"schedule": name, "virtual_stages": v,
+                     "bubble": round(schedule.bubble_fraction(stages, microbatches), 4),
+                     "peak_stash": round(max(schedule.peak_stash(stages, microbatches)) / v, 2)})
+    return sorted(rows, key=lambda r: (r.get("bubble", 2.0), r.get("peak_stash", 0)))
+
+
 def schedule_png(path: str, stages: int, microbatches: int, title: str = "") -> None:
-    """GPipe and 1F1B timelines of one step, one row per stage (backward = 2 x forward)."""
+    """Every registered schedule's ideal timeline of one step, one row per device.
+
+    Equal costs per device: forward = input gradient = weight gradient = 1
+    (a full backward 2); a stage of V per device costs 1/V. Interleaving
+    needs M % K == 0: it is drawn with M rounded up to a multiple of K.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tfpar.strategies.pipeline.schedules import BACKWARD, get
+    from tfpar.strategies.pipeline.schedules import SCHEDULES, get
 
     shown = min(microbatches, 16)  # beyond 16 the boxes are too small to read
-    fig, axes = plt.subplots(2, 1, figsize=(11, 1.2 + 0.9 * stages), dpi=100, sharex=True)
-    colors = plt.get_cmap("tab20")
-    for ax, name in zip(axes, ("gpipe", "1f1b")):
+    fig, axes = plt.subplots(len(SCHEDULES), 1, figsize=(12, 0.6 + len(SCHEDULES) * (0.5 + 0.4 * stages)),
+                             dpi=100, sharex=True)
+    for ax, name in zip(axes, SCHEDULES):
         schedule = get(name)
-        result = schedule.simulate(stages, shown)
-        for action, (start, end) in result["spans"].items():
-            backward = action.kind == BACKWARD
-            ax.barh(action.stage, end - start, left=start, height=0.8,
-                    color=colors(action.microbatch % 20), alpha=0.55 if backward else 1.0,
-                    edgecolor="black", linewidth=0.4, hatch="//" if backward else None)
-            ax.text((start + end) / 2, action.stage, f"{action.kind}{action.microbatch}",
-                    ha="center", va="center", fontsize=6)
-        peak = schedule.peak_stash(stages, shown)
-        ax.set_title(f"{name}: bubble {result['bubble_fraction']:.1%}, activations held "
-                     f"per stage {peak}", fontsize=9)
-        ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
-        ax.invert_yaxis()
-    axes[-1].set_xlabel("time (forward = 1, backward = 2)")
+        m = shown if schedule.check(stages, shown) is None else -(-shown // stages) * stages
+        draw_schedule(ax, schedule, stages, m, schedule.simulate(
+            stages, m, *[1.0 / schedule.virtual_stages] * 3)["spans"],
+            note="" if m == shown else f" (M={m})")
+    axes[-1].set_xlabel("time (per device: forward = input gradient = weight gradient = 1)")
     suffix = f" (first {shown} of {microbatches} micro-batches)" if shown < microbatches else ""
     fig.suptitle((title or f"{stages} stages, {microbatches} micro-batches") + suffix, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def draw_schedule(ax, schedule, stages, microbatches, spans, note="", unit=1.0):
+    """Draws `spans` ({Action: (start, end)}, e.g. `simulate()["spans"]` or measured ones)
+    on `ax`: a row per device, colour per micro-batch; B hatched, W dotted."""
+    import matplotlib.pyplot as plt
+
+    from tfpar.strategies.pipeline.schedules import BACKWARD, WEIGHT
+
+    colors = plt.get_cmap("tab20")
+    busy = {}
+    for action, (start, end) in spans.items():
+        device = schedule.device_of(action.stage, stages)
+        busy[device] = busy.get(device, 0.0) + end - start
+        hatch = {BACKWARD: "//", WEIGHT: ".."}.get(action.kind)
+        ax.barh(device, (end - start) / unit, left=start / unit, height=0.8,
+                color=colors(action.microbatch % 20), alpha=1.0 if hatch is None else 0.55,
+                edgecolor="black", linewidth=0.4, hatch=hatch)
+        if (end - start) / unit >= 0.3:
+            ax.text((start + end) / 2 / unit, device, f"{action.kind}{action.microbatch}",
+                    ha="center", va="center", fontsize=5)
+    step = max(e for _, e in spans.values()) - min(s for s, _ in spans.values())
+    bubble = 1.0 - sum(busy.values()) / (stages * step)
+    peak = [n / schedule.virtual_stages for n in schedule.peak_stash(stages, microbatches)]
+    ax.set_title(f"{schedule.name}{note}: bubble {bubble:.1%}, activations held per device "
+                 f"(micro-batches) {[round(p, 2) for p in peak]}", fontsize=8)
+    ax.set_yticks(range(stages), [f"device {d}" for d in range(stages)])
+    ax.set_ylim(stages - 0.5, -0.5)
 
 
 def dumps(plan: Plan) -> str:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 
 from tfpar.plan import cost
-from tfpar.parallel_dims import ParallelDims
+from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 from tfpar.plan.cost import GIB, Hardware, Workload
+from tfpar.strategies.pipeline.schedules import get as get_schedule
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -102,8 +103,10 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                            f"width {f} or the vocabulary {model.vocab}")
             continue
         for p in _divisors(hw.devices // t):
-            if p > max_stages:
-                skipped.append(f"pipeline={p}: the model has {max_stages - 1} places to cut")
+            v = get_schedule(work.schedule).virtual_stages if p > 1 else 1
+            if p * v > max_stages:
+                skipped.append(f"pipeline={p}: the model has {max_stages - 1} places to cut"
+                               + (f" ({p} x {v} virtual stages)" if v > 1 else ""))
                 continue
             d = hw.devices // (t * p)
             if work.global_batch % d:
@@ -113,8 +116,12 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                 if work.global_batch % (d * b):
                     continue
                 m = work.global_batch // (d * b)
-                dims = ParallelDims(dp=d, tp=t, pp=p, microbatches=m if p > 1 else 1,
-                                    schedule=work.schedule)
+                try:
+                    dims = ParallelDims(dp=d, tp=t, pp=p, microbatches=m if p > 1 else 1,
+                                        schedule=work.schedule)
+                except ParallelDimsError as e:  # e.g. interleaving needs M % K == 0
+                    skipped.append(f"pipeline={p}, micro-batch {b}: {e}")
+                    continue
                 mem = cost.memory(work, dims, b)
                 flags = tfpar_flags(dims, b, m, hw)
                 if runnable_only and flags is None:
@@ -163,7 +170,7 @@ def _reasons(plan: Plan) -> list[str]:
             reasons.append(f"pipeline={dims.pp}: stages exchange only one activation per "
                            f"micro-batch, so they can span nodes; {best.microbatches} "
                            f"micro-batches keep the bubble at {best.time['bubble']:.1%} "
-                           f"((K-1)/(M+K-1), {work.schedule})")
+                           f"(the ideal of the {work.schedule} schedule)")
         smaller = [c for c in plan.candidates
                    if c.dims.tp * c.dims.pp < dims.tp * dims.pp]
         if smaller and not any(c.fits for c in smaller):

@@ -82,4 +82,4 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
                                          num_local_devices=num_local_devices)
     return strategies.Pipeline(stages=dims.pp, split_points=split_points,
                                microbatches=dims.microbatches, schedule=dims.schedule,
-                               replicas=dims.dp)
+                               virtual_stages=dims.virtual_stages, replicas=dims.dp)

@@ -7,15 +7,20 @@ stage's variables to its device, and runs every step as one `tf.function`
 in which:
 
 - the batch is cut into M micro-batches (`tfpar.strategies.pipeline.microbatch`);
-- stage s runs its actions in the order of the schedule
-  (`tfpar.strategies.pipeline.schedules`), each action under `tf.device(stage s)` and
-  a control dependency on the stage's previous action: inside one function
-  TensorFlow's executor runs whatever is ready, so without them a stage
+- the model is cut into K*V stages (V virtual stages per device for the
+  interleaved and ZB-V schedules), placed on the K devices as the schedule
+  says (`Schedule.device_of`);
+- each device runs its actions in the order of the schedule
+  (`tfpar.strategies.pipeline.schedules`), each action under `tf.device` and
+  a control dependency on the device's previous action: inside one function
+  TensorFlow's executor runs whatever is ready, so without them a device
   would run any micro-batch whose input exists and the schedule (and its
   memory bound) would be lost;
 - each forward records its own `GradientTape`, and each backward asks it
   for the stage's gradients given the next stage's input gradient
-  (`output_gradients`), so the backward runs on the stage's device too;
+  (`output_gradients`), so the backward runs on the stage's device too.
+  Zero-bubble schedules split the backward in two actions (see
+  `_input_gradients` and `_weight_gradients`);
 - gradients are accumulated densely over micro-batches (and summed over
   replicas in the hybrid), each micro-batch loss weighted 1/(R*M): the
   gradient of the mean loss over the whole batch, exactly;
@@ -63,10 +68,28 @@ class PipelineConfigError(ValueError):
 class Stage:
     """What runs on one device: a contiguous run of the model's operations."""
 
-    def __init__(self, spec: split.StageSpec, devices: list[str], is_last: bool):
+    def __init__(self, spec: split.StageSpec, devices: list[str], is_last: bool,
+                 rank: int = 0, layer_outputs: list | None = None):
         self.spec, self.index, self.is_last = spec, spec.index, is_last
+        self.rank = rank  # the device's position in the pipeline (0 .. K-1)
         self.devices = devices  # one per replica; replica 0's holds the variables
         self.model = keras.Model(spec.inputs, spec.outputs, name=f"stage_{spec.index}")
+        # For a split backward: the stage also returns the output of every
+        # operation that has trainable weights (see `_input_gradients`).
+        self.weighted = []  # (operation, its output KerasTensors)
+        if layer_outputs is not None:
+            self.weighted = [(op, outs) for op, outs in zip(spec.operations, layer_outputs)
+                             if getattr(op, "trainable_weights", None)]
+            flat_out = keras.tree.flatten(spec.outputs)
+            # A Keras model cannot list one tensor twice among its outputs.
+            unique, self._where = list(flat_out), []
+            for _, outs in self.weighted:
+                for t in outs:
+                    if not any(t is u for u in unique):
+                        unique.append(t)
+                    self._where.append(next(i for i, u in enumerate(unique) if u is t))
+            self.model = keras.Model(spec.inputs, unique, name=f"stage_{spec.index}")
+            self._num_outputs = len(flat_out)
         seen = set()
         self.trainable_variables = []
         self.variables = []
@@ -82,6 +105,16 @@ class Stage:
     def device(self) -> str:
         return self.devices[0]
 
+    def __call__(self, inputs, training):
+        """(the stage's output, [outputs of each weighted operation] or None)."""
+        result = self.model(inputs, training=training)
+        if not self.weighted:
+            return result, None
+        result = keras.tree.flatten(result)
+        out = keras.tree.pack_sequence_as(self.spec.outputs, result[:self._num_outputs])
+        where = iter(self._where)
+        return out, [[result[next(where)] for _ in outs] for _, outs in self.weighted]
+
     def __repr__(self):
         return (f"Stage({self.index}, layers={self.spec.layer_names}, device={self.device!r}, "
                 f"parameters={self.spec.parameters})")
@@ -94,11 +127,16 @@ class Pipeline(StrategyBase):
       stages: K, the number of stages (cuts balance the parameter counts,
         or `costs`). Default: as many as `devices` (per replica) or local
         devices allow.
-      split_points: names of the layers that begin stages 1..K-1, instead.
+      split_points: names of the layers that begin stages 1..K*V-1, instead.
       microbatches: M; each batch is cut into M equal micro-batches (a batch
         that M does not divide uses M's largest divisor that does).
+      virtual_stages: V, stages per device (the model is cut into K*V):
+        for "interleaved_1f1b" (default 2) and "zbv" (always 2).
       schedule: "1f1b" (default: GPipe's bubble, at most K micro-batches stashed),
-        "gpipe", or a `tfpar.strategies.pipeline.Schedule`.
+        "gpipe", "interleaved_1f1b" (bubble V times smaller; M a multiple of K),
+        "zb_h1" (backward split in input and weight gradients: a third of
+        1F1B's bubble), "zbv" (V shape, split backward: bubble near zero), or
+        a `tfpar.strategies.pipeline.Schedule`.
       devices: K*R device names (replica-major) or R lists of K. Default:
         the first K*R local GPUs, else logical CPUs. Remote devices
         ("/job:worker/replica:0/task:1/device:CPU:0", after
@@ -125,29 +163,37 @@ class Pipeline(StrategyBase):
 
     def __init__(self, stages: int | None = None, split_points=None, microbatches: int = 1,
                  schedule="1f1b", devices=None, replicas: int = 1, costs: dict | None = None,
-                 record_timeline: bool = False):
+                 record_timeline: bool = False, virtual_stages: int | None = None):
+        try:
+            self.schedule = schedules.get(schedule, virtual_stages)
+        except ValueError as e:
+            raise PipelineConfigError(str(e)) from e
+        v = self.schedule.virtual_stages
         if split_points is not None and isinstance(split_points, str):
             split_points = [p for p in split_points.split(",") if p]
         if split_points:
-            k = len(split_points) + 1
-            if stages not in (None, 0, k):
+            pieces = len(split_points) + 1
+            if pieces % v or stages not in (None, 0, pieces // v):
                 raise PipelineConfigError(
-                    f"stages={stages} but split_points={list(split_points)} make {k} stages; "
-                    "give one of them (or K-1 split points for K stages).")
-            stages = k
+                    f"stages={stages}, virtual_stages={v} but split_points="
+                    f"{list(split_points)} make {pieces} stages; give K*V-1 split points "
+                    f"for K devices of V stages each.")
+            stages = pieces // v
         if stages is not None and stages < 0:
             raise PipelineConfigError(f"stages={stages}: must be >= 1 (or 0/None: one per device).")
         if not isinstance(microbatches, int) or microbatches < 1:
             raise PipelineConfigError(f"microbatches={microbatches!r}: must be an integer >= 1.")
         if not isinstance(replicas, int) or replicas < 1:
             raise PipelineConfigError(f"replicas={replicas!r}: must be an integer >= 1.")
-        self.schedule = schedules.get(schedule)
         self.split_points = list(split_points) if split_points else None
         self.num_microbatches = microbatches
         self.replicas = replicas
         self.costs = costs
         self.devices = _resolve_devices(devices, stages or None, replicas)
-        self.num_stages = len(self.devices[0])
+        self.num_stages = len(self.devices[0])  # K: devices per replica
+        reason = self.schedule.check(self.num_stages, microbatches)
+        if reason:
+            raise PipelineConfigError(reason)
         self.timeline = Timeline() if record_timeline else None
         if self.timeline is not None:
             for r, row in enumerate(self.devices):
@@ -165,7 +211,8 @@ class Pipeline(StrategyBase):
     @property
     def dims(self) -> ParallelDims:
         return ParallelDims(dp=self.replicas, pp=self.num_stages,
-                            microbatches=self.num_microbatches, schedule=self.schedule.name)
+                            microbatches=self.num_microbatches, schedule=self.schedule.name,
+                            virtual_stages=self.schedule.virtual_stages)
 
     def _devices(self) -> list[str]:
         return [d for row in self.devices for d in row]
@@ -173,7 +220,7 @@ class Pipeline(StrategyBase):
     def describe(self) -> dict:
         return super().describe() | {
             "stages": self.num_stages, "microbatches": self.num_microbatches,
-            "schedule": self.schedule.name,
+            "schedule": self.schedule.name, "virtual_stages": self.schedule.virtual_stages,
             "split": [s.spec.layer_names for s in self.stages] or None}
 
     # ----------------------------------------------------------------- scope
@@ -201,8 +248,8 @@ class Pipeline(StrategyBase):
             log.warning("tfpar Pipeline: jit_compile=%s is turned off; XLA cannot compile "
                         "steps that span devices.", model.jit_compile)
         model.jit_compile = False
-        specs = split.plan(model, num_stages=self.num_stages, split_points=self.split_points,
-                           costs=self.costs)
+        specs = split.plan(model, num_stages=self.num_stages * self.schedule.virtual_stages,
+                           split_points=self.split_points, costs=self.costs)
         for spec in specs:
             for op in spec.operations:
                 if getattr(op, "activity_regularizer", None) is not None:
@@ -210,8 +257,14 @@ class Pipeline(StrategyBase):
                         f"layer {op.name!r} has an activity regularizer: its loss is made in "
                         f"stage {spec.index} but the loss is computed on the last stage, so "
                         "its gradient would be lost. Remove it, or use a weight regularizer.")
-        stages = [Stage(spec, [row[spec.index] for row in self.devices], i == len(specs) - 1)
-                  for i, spec in enumerate(specs)]
+        graph = split.graph_of(model)
+        stages = []
+        for i, spec in enumerate(specs):
+            rank = self.schedule.device_of(spec.index, self.num_stages)
+            outputs = ([split.node_of(graph, op).outputs for op in spec.operations]
+                       if self.schedule.split_backward else None)
+            stages.append(Stage(spec, [row[rank] for row in self.devices], i == len(specs) - 1,
+                                rank=rank, layer_outputs=outputs))
         for stage in stages:
             for v in stage.variables:
                 compat.place_variable(v, stage.device)
@@ -238,10 +291,13 @@ class Pipeline(StrategyBase):
             devices = {v.value.device for v in stage.variables}
             optimizer = [v for v in getattr(model.optimizer, "variables", ())
                          if v.value.device in devices and id(v) not in mine]
-            per_device[stage.device] = {
-                "parameter_bytes_per_device": variable_bytes_per_device(stage.variables),
-                "gradient_bytes_per_device": variable_bytes_per_device(stage.trainable_variables),
-                "optimizer_bytes_per_device": variable_bytes_per_device(optimizer)}
+            row = per_device.setdefault(stage.device, dict.fromkeys(
+                ("parameter_bytes_per_device", "gradient_bytes_per_device",
+                 "optimizer_bytes_per_device"), 0))
+            row["parameter_bytes_per_device"] += variable_bytes_per_device(stage.variables)
+            row["gradient_bytes_per_device"] += variable_bytes_per_device(
+                stage.trainable_variables)
+            row["optimizer_bytes_per_device"] += variable_bytes_per_device(optimizer)
         fullest = max(per_device.values(), key=lambda r: sum(r.values()))
         total = variable_bytes_per_device(model.weights)
         return {**fullest, "parameter_bytes_total": total, "per_device": per_device}
@@ -283,36 +339,57 @@ class Pipeline(StrategyBase):
 
     def _step(self, model, stages, data, m, kind):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        R, K = self.replicas, len(stages)
+        R, K, C = self.replicas, self.num_stages, len(stages)
         training = kind == "train"
+        if training and self.schedule.check(K, m):
+            raise PipelineConfigError(
+                f"a training batch runs as {m} micro-batches: "
+                + self.schedule.check(K, m) + " Use a batch size that divides by "
+                f"microbatches x replicas ({self.num_microbatches} x {R}).")
+        split_backward = training and self.schedule.split_backward
         parts = microbatch.split((x, y, sample_weight), R * m)
         weight = 1.0 / (R * m)
         order = self.schedule.creation_order(K, m, forward_only=not training)
         record = self.timeline is not None and training
         last_device = stages[-1].device
+        # Weight regularizers add to the loss on the last stage: there the weight
+        # gradients also need the loss itself, not only the layers' outputs.
+        regularized = training and bool(model.losses)
 
         outputs, losses = {}, []
         variable_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
         sums = [dict() for _ in range(R)]  # replica -> {variable index: gradient sum}
+
+        def accumulate(r, sources, grads):
+            for v, g in zip(sources, grads):
+                if g is None:
+                    continue
+                i = variable_index[id(v)]
+                sums[r][i] = g if i not in sums[r] else sums[r][i] + g
+
         for r in range(R):
             acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
-            after = [[] for _ in range(K)]  # the previous action of each stage
+            layer_outputs, pending = {}, {}
+            after = [[] for _ in range(K)]  # the previous action of each device
             for action in order:
                 s, mb = action.stage, action.microbatch
                 stage = stages[s]
                 xb, yb, wb = parts[r * m + mb]
-                key = (r, s, mb, action.kind)
-                with tf.device(stage.devices[r]), tf.control_dependencies(after[s]):
+                key = (r, stage.rank, mb, action.kind, s)
+                reads = [(r, stages[d.stage].rank, d.microbatch, d.kind, d.stage)
+                         for d in schedules.dependencies(action, C, split_backward)]
+                with tf.device(stage.devices[r]), tf.control_dependencies(after[stage.rank]):
                     if action.kind == FORWARD:
                         inp = xb if s == 0 else acts[(r, s - 1, mb)]
                         inp = tf.nest.map_structure(_identity, inp)
-                        if record:
+                        if record and s == 0 and mb == 0:  # the step begins
                             inp = self.timeline.mark(inp, key, begin=True)
-                        tape = tf.GradientTape() if training else _no_tape()
+                        tape = (tf.GradientTape(persistent=split_backward) if training
+                                else _no_tape())
                         with tape:
                             if training and s > 0:
                                 tape.watch(inp)
-                            out = stage.model(inp, training=training)
+                            out, per_layer = stage(inp, training=training)
                             loss = None
                             if stage.is_last and kind != "predict":
                                 loss = model._compute_loss(x=xb, y=yb, y_pred=out,
@@ -322,7 +399,7 @@ class Pipeline(StrategyBase):
                         raw_out = out
                         done = [out] if loss is None else [out, loss]
                         if record:
-                            done = self.timeline.mark(done, key, begin=False)
+                            done = self.timeline.mark(done, key, begin=False, after=reads)
                         out = done[0]
                         if loss is not None:
                             losses.append(done[1] * weight)
@@ -331,37 +408,45 @@ class Pipeline(StrategyBase):
                             outputs[(r, mb)] = out
                         if training:
                             tapes[(s, mb)], inputs[(s, mb)] = tape, inp
+                            layer_outputs[(s, mb)] = per_layer
                             # The tape's own tensor: a timeline marker is not differentiable.
                             targets[(s, mb)] = target if stage.is_last else raw_out
-                        after[s] = tf.nest.flatten(done)
-                    else:
-                        # The last stage's backward has no input to mark: its span
-                        # starts when the stage's previous action ended (see Timeline).
+                        after[stage.rank] = tf.nest.flatten(done)
+                    elif action.kind == BACKWARD:
                         upstream = None if stage.is_last else input_grads.pop((s + 1, mb))
-                        if record and upstream is not None:
-                            upstream = self.timeline.mark(upstream, key, begin=True)
-                        sources = list(stage.trainable_variables)
-                        if stage.is_last:
-                            # Weight regularizers of every stage are part of the loss
-                            # computed here: their gradients come from this tape.
-                            sources += [v for v in model.trainable_variables
-                                        if not any(v is w for w in stage.trainable_variables)]
-                        wrt = sources + ([inputs[(s, mb)]] if s > 0 else [])
-                        grads = tapes.pop((s, mb)).gradient(
-                            targets.pop((s, mb)), wrt, output_gradients=upstream)
-                        grads = [None if g is None else _dense(g) for g in grads]
+                        if split_backward:
+                            grads = _input_gradients(
+                                stage, tapes[(s, mb)], targets[(s, mb)],
+                                inputs[(s, mb)] if s > 0 else None,
+                                layer_outputs[(s, mb)], upstream)
+                        else:
+                            sources = _sources(model, stage)
+                            wrt = sources + ([inputs[(s, mb)]] if s > 0 else [])
+                            grads = tapes.pop((s, mb)).gradient(
+                                targets.pop((s, mb)), wrt, output_gradients=upstream)
+                            grads = [None if g is None else _dense(g) for g in grads]
                         if record:
-                            grads = self.timeline.mark(grads, key, begin=False)
+                            grads = self.timeline.mark(grads, key, begin=False, after=reads)
                         if s > 0:
-                            input_grads[(s, mb)] = grads[-1]
+                            input_grads[(s, mb)] = grads[-1] if not split_backward else grads[0]
                             del inputs[(s, mb)]
-                        for v, g in zip(sources, grads):
-                            if g is None:
-                                continue
-                            i = variable_index[id(v)]
-                            sums[r][i] = g if i not in sums[r] else sums[r][i] + g
-                        after[s] = [g for g in grads if g is not None]
+                        if split_backward:
+                            # For W: the gradients of the loss w.r.t. each layer's output.
+                            pending[(s, mb)] = (upstream, grads[1 if s > 0 else 0:])
+                        else:
+                            accumulate(r, sources, grads)
+                        after[stage.rank] = [g for g in grads if g is not None]
                         del acts[(r, s, mb)]
+                    else:  # WEIGHT
+                        upstream, layer_grads = pending.pop((s, mb))
+                        sources, grads = _weight_gradients(
+                            model, stage, tapes.pop((s, mb)), targets.pop((s, mb)),
+                            layer_outputs.pop((s, mb)), layer_grads,
+                            full=stage.is_last and regularized)
+                        if record:
+                            grads = self.timeline.mark(grads, key, begin=False, after=reads)
+                        accumulate(r, sources, grads)
+                        after[stage.rank] = [g for g in grads if g is not None]
 
         with tf.device(last_device):
             y_pred = microbatch.merge([outputs[(r, mb)] for r in range(R) for mb in range(m)])
@@ -385,6 +470,68 @@ class Pipeline(StrategyBase):
         if model._loss_tracker is not None:
             model._loss_tracker.update_state(total, sample_weight=microbatch_rows(x))
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _sources(model, stage) -> list:
+    """The variables a stage's backward differentiates."""
+    sources = list(stage.trainable_variables)
+    if stage.is_last:
+        # Weight regularizers of every stage are part of the loss computed
+        # here: their gradients come from this tape.
+        sources += [v for v in model.trainable_variables
+                    if not any(v is w for w in stage.trainable_variables)]
+    return sources
+
+
+# The split backward (ZB-H1, ZBV). Keras layers have no separate input- and
+# weight-gradient functions, so both come from the stage's forward tape
+# (persistent, so it can be asked twice), through the outputs h_i of the
+# stage's layers that have weights:
+#
+#   B: one call, dL/d[input, h_1, ..., h_n] given dL/d(output). It walks the
+#      stage's backward chain once; the ops that would give weight gradients
+#      (MatMul's second product, the bias sums, ...) have no consumer and are
+#      pruned from the function, so B costs only the input-gradient chain.
+#   W: per layer, d h_i / d(weights of layer i) given dL/dh_i (kept from B).
+#      Only layer i's own ops are walked: the chain through the other layers
+#      is not recomputed. A layer's weights reach the loss only through its
+#      output (shared layers cannot be split), so the sum over layers is the
+#      stage's weight gradient, the same as one full backward.
+#
+# The forward activations the tape saved stay alive until W: the stash
+# counts them until then. Within layer i, W re-derives the few elementwise
+# gradients it shares with B (an activation's derivative, a LayerNorm's
+# normalisation), a small cost next to the products it computes.
+
+
+def _input_gradients(stage, tape, target, stage_input, layer_outputs, upstream):
+    """B: [dL/d input (if any), dL/dh for each weighted layer's outputs]."""
+    flat = [t for outs in layer_outputs for t in outs]
+    wrt = ([stage_input] if stage_input is not None else []) + flat
+    grads = tape.gradient(target, wrt, output_gradients=upstream)
+    return [None if g is None else _dense(g) for g in grads]
+
+
+def _weight_gradients(model, stage, tape, target, layer_outputs, layer_grads, full):
+    """W: (variables, their gradients) of one stage and micro-batch."""
+    if full:
+        # The loss holds weight-regularization terms: differentiate it whole.
+        sources = _sources(model, stage)
+        grads = tape.gradient(target, sources)
+        return sources, [None if g is None else _dense(g) for g in grads]
+    sources, grads = [], []
+    it = iter(layer_grads)
+    for (op, _), outs in zip(stage.weighted, layer_outputs):
+        dh = [next(it) for _ in outs]
+        kept = [(h, g) for h, g in zip(outs, dh) if g is not None]
+        weights = list(op.trainable_weights)
+        if not kept:
+            continue
+        got = tape.gradient([h for h, _ in kept], weights,
+                            output_gradients=[g for _, g in kept])
+        sources += weights
+        grads += [None if g is None else _dense(g) for g in got]
+    return sources, grads
 
 
 def microbatch_rows(x):

@@ -89,6 +89,11 @@ def _node(graph, op):
     return next(n for n in op._inbound_nodes if _node_in(graph, n))
 
 
+def node_of(graph, op):
+    """The node of `op` in `graph`: its call with its input and output KerasTensors."""
+    return _node(graph, op)
+
+
 def crossing(model) -> list[list]:
     """For each cut position i (between op i and op i+1): the tensors crossing it.
 

@@ -1,17 +1,21 @@
-"""Timelines: when each (stage, micro-batch, forward/backward) span really ran.
+"""Timelines: when each (device, stage, micro-batch, F/B/W) span really ran.
 
-With recording on, the runner threads every action's input and output
-through a marker op that notes the wall-clock time when the executor reaches
-it, so a span starts when the action's inputs are ready (and its stage is
-free) and ends when its outputs exist. The markers are stateless
+With recording on, the runner threads every action's output through a
+marker op that notes the wall-clock time when the executor reaches it: a
+span ends when the action's outputs exist, and starts when its device's
+previous action and the actions it reads from had ended (only the step's
+first action has a marker on its input). A marker costs about a
+millisecond on a busy CPU; one per action instead of two halved the
+timeline's own share of a measured 1F1B step (see BUILD_NOTES.md). The markers are stateless
 `tf.numpy_function`s on the data path: stateful ops (`tf.timestamp`,
 `tf.py_function`) get automatic control dependencies in program order
 inside `tf.function` and would serialize the pipeline they measure.
 
 From the spans: the step time, the bubble fraction (idle share of the
-stages' time, theory (K-1)/(M+K-1) for equal stages), and the peak number
-of micro-batches whose activations a stage holds (forward started, backward
-not finished). `chrome_trace()` writes them for Perfetto or chrome://tracing.
+devices' time; for equal stages GPipe and 1F1B have (K-1)/(M+K-1)), and
+the peak number of (stage, micro-batch) activations a device holds (forward
+started, backward not finished; with a split backward, until its weight
+gradient W ends). `chrome_trace()` writes them for Perfetto or chrome://tracing.
 
 Example::
 
@@ -38,11 +42,16 @@ import tensorflow as tf
 class Span:
     step: int
     replica: int
-    stage: int
+    stage: int  # the device's position in the pipeline (a lane of the timeline)
     microbatch: int
-    kind: str  # "F" or "B"
+    kind: str  # "F", "B" or "W"
     start: float  # seconds (time.perf_counter)
     end: float
+    model_stage: int = -1  # which of the model's K*V stages ran (-1: the same as `stage`)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}{self.microbatch}@{self.stage if self.model_stage < 0 else self.model_stage}"
 
 
 class Timeline:
@@ -52,6 +61,7 @@ class Timeline:
         self._lock = threading.Lock()
         self._open: dict[tuple, float] = {}
         self._lane_end: dict[tuple, float] = {}
+        self._end: dict[tuple, float] = {}
         self.spans: list[Span] = []
         self.step = -1
         self.devices: dict[tuple[int, int], str] = {}
@@ -60,6 +70,7 @@ class Timeline:
         with self._lock:
             self._open.clear()
             self._lane_end.clear()
+            self._end.clear()
             self.spans.clear()
             self.step = -1
 
@@ -68,25 +79,31 @@ class Timeline:
         return self.step
 
     # ------------------------------------------------------------ recording
-    def _note(self, key, begin: bool):
+    def _note(self, key, begin: bool, after=()):
         now = time.perf_counter()
         step_key = (self.step, *key)
         with self._lock:
             if begin:
                 self._open[step_key] = now
             else:
-                # An action with no input to mark (the last stage's backward)
-                # starts when its stage's previous action ended: the runner
-                # orders each stage's actions, and its input existed by then.
+                # An action starts when its device's previous action ended and
+                # the actions whose outputs it reads (`after`) ended: the runner
+                # orders each device's actions, and its inputs existed by then.
                 lane = (self.step, key[0], key[1])
-                start = self._open.pop(step_key, self._lane_end.get(lane, now))
+                ready = [self._lane_end.get(lane)] + [
+                    self._end.get((self.step, *k)) for k in after]
+                ready = [t for t in ready if t is not None]
+                start = self._open.pop(step_key, max(ready, default=now))
                 self._lane_end[lane] = now
-                self.spans.append(Span(self.step, *key, start, now))
+                self._end[step_key] = now
+                self.spans.append(Span(self.step, *key[:4], start, now, *key[4:]))
 
-    def mark(self, tensors, key: tuple, begin: bool):
+    def mark(self, tensors, key: tuple, begin: bool, after=()):
         """Passes `tensors` (a structure) through a marker that records the time.
 
-        `key` = (replica, stage, microbatch, kind). Returns the same values.
+        `key` = (replica, device, microbatch, kind[, model stage]). Returns the same
+        values. An end marker without a begin marker dates the action's start from
+        the end of its device's previous action and of the actions (keys) in `after`.
         """
         flat = [t for t in tf.nest.flatten(tensors)]
         present = [tf.convert_to_tensor(t) for t in flat if t is not None]
@@ -94,7 +111,7 @@ class Timeline:
             return tensors
 
         def record(*arrays):
-            self._note(key, begin)
+            self._note(key, begin, after)
             return arrays if len(arrays) > 1 else arrays[0]
 
         out = tf.numpy_function(record, present, [t.dtype for t in present], stateful=False,
@@ -129,13 +146,17 @@ class Timeline:
         return 1.0 - busy / (len(lanes) * self.step_time(step))
 
     def peak_stash(self, step: int = -1) -> dict[tuple[int, int], int]:
-        """{(replica, stage): most micro-batches with forward started, backward unfinished}."""
+        """{(replica, device): most activations held (forward started, backward unfinished)}.
+
+        With a split backward an activation is held until its W ends."""
+        spans = self.of_step(step)
+        release = "W" if any(s.kind == "W" for s in spans) else "B"
         events = {}
-        for s in self.of_step(step):
+        for s in spans:
             lane = events.setdefault((s.replica, s.stage), [])
             if s.kind == "F":
                 lane.append((s.start, 1))
-            else:
+            elif s.kind == release:
                 lane.append((s.end, -1))
         peaks = {}
         for lane, changes in events.items():
@@ -148,10 +169,11 @@ class Timeline:
         return peaks
 
     def order(self, step: int = -1) -> dict[tuple[int, int], list[str]]:
-        """{(replica, stage): actions in the order they started, e.g. ["F0", "F1", "B0"]}."""
+        """{(replica, device): actions in the order they started, e.g. ["F0@0", "F1@0", "B0@0"]}
+        (kind, micro-batch @ model stage, as `str(schedules.Action)`)."""
         lanes: dict[tuple[int, int], list] = {}
         for s in sorted(self.of_step(step), key=lambda s: s.start):
-            lanes.setdefault((s.replica, s.stage), []).append(f"{s.kind}{s.microbatch}")
+            lanes.setdefault((s.replica, s.stage), []).append(s.label)
         return lanes
 
     # --------------------------------------------------------------- export
@@ -168,9 +190,11 @@ class Timeline:
                            "args": {"name": f"replica {replica}"}})
             events.append({"ph": "M", "name": "thread_name", "pid": replica, "tid": stage,
                            "args": {"name": f"stage {stage} {device}".strip()}})
+        names = {"F": "forward", "B": "backward", "W": "weight gradient"}
         for s in spans:
             events.append({
-                "name": f"{'forward' if s.kind == 'F' else 'backward'} {s.microbatch}",
+                "name": f"{names[s.kind]} {s.microbatch}"
+                        + (f" stage {s.model_stage}" if s.model_stage >= 0 else ""),
                 "cat": s.kind, "ph": "X", "pid": s.replica, "tid": s.stage,
                 "ts": (s.start - origin) * 1e6, "dur": (s.end - s.start) * 1e6,
                 "args": {"step": s.step, "microbatch": s.microbatch}})
@@ -182,48 +206,99 @@ class Timeline:
         return path
 
 
+# One lock per device: a device runs one FixedCost sleep at a time, as a real
+# accelerator runs one kernel stream, so the input- and weight-gradient
+# sleeps of one full backward add up instead of overlapping on two threads.
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+def _device_lock(device: str) -> threading.Lock:
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(device, threading.Lock())
+
+
 @keras.saving.register_keras_serializable(package="tfpar")
 class FixedCost(keras.layers.Layer):
-    """An identity layer whose forward and backward each take a fixed time.
+    """An identity layer whose forward, input gradient and weight gradient take fixed times.
 
     For checking schedules: a stack of these behaves like stages of known
     cost, so a measured step can be compared with `Schedule.simulate`. The
-    sleep is a stateless `tf.numpy_function` on the data path (a stateful op
-    would be ordered after every other stateful op of the step).
+    sleeps are stateless `tf.numpy_function`s on the data path (a stateful
+    op would be ordered after every other stateful op of the step):
+
+    - forward: `forward_seconds`;
+    - input gradient (B): `backward_seconds`, on the path to the layer's input;
+    - weight gradient (W): `weight_seconds`, on the path to its one weight.
+
+    A full backward asks for both (B + W; sleeps on one device do not
+    overlap); a split backward's B and W actions each find only theirs (the
+    other's op has no consumer and is pruned). Example::
+
+        keras.Sequential([keras.Input((4,))] + [FixedCost(0.02, 0.02, 0.02) for _ in range(4)])
     """
 
-    def __init__(self, forward_seconds=0.01, backward_seconds=0.02, **kwargs):
+    def __init__(self, forward_seconds=0.01, backward_seconds=0.02, weight_seconds=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.forward_seconds, self.backward_seconds = forward_seconds, backward_seconds
+        self.weight_seconds = weight_seconds
 
     def build(self, input_shape):
         # One weight, so the layer has a gradient and a place.
         self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
 
     def call(self, x):
-        forward, backward = self.forward_seconds, self.backward_seconds
+        forward, backward, weight = self.forward_seconds, self.backward_seconds, \
+            self.weight_seconds
+        # The op's device, fixed when the step is traced under tf.device(stage).
+        lock = _device_lock(tf.identity(x).device or "default")
 
         def sleep(seconds):
             def run(a):
-                time.sleep(seconds)
+                if seconds > 0:
+                    with lock:
+                        time.sleep(seconds)
                 return a
             return run
 
+        def timed(seconds, tensor):
+            out = tf.numpy_function(sleep(seconds), [tensor], tensor.dtype, stateful=False)
+            out.set_shape(tensor.shape)
+            return out
+
         @tf.custom_gradient
-        def timed(v):
-            out = tf.numpy_function(sleep(forward), [v], v.dtype, stateful=False)
-            out.set_shape(v.shape)
+        def scaled(v, s):
+            out = timed(forward, v * s)
 
             def grad(dy):
-                g = tf.numpy_function(sleep(backward), [dy], dy.dtype, stateful=False)
-                g.set_shape(dy.shape)
-                return g
+                dx = timed(backward, dy * s)
+                ds = timed(weight, tf.reduce_sum(dy * v))
+                return dx, ds
             return out, grad
 
-        # The scale enters before the timed op, so that the weight's gradient
-        # also waits for the backward's work.
-        return timed(x * self.scale)
+        return scaled(x, tf.convert_to_tensor(self.scale))
+
+    @classmethod
+    def stages(cls, num_stages: int, forward_seconds, backward_seconds, weight_seconds=0.0,
+               width: int = 4):
+        """A model of `num_stages` FixedCost layers, and the split points that make each a stage.
+
+        A weighted layer of no cost comes first, in stage 0: its weight
+        gradient needs the first FixedCost's input gradient, so stage 0's
+        backward does its B work as every other stage's does (a model's
+        first layer has no input gradient to compute). Example::
+
+            model, points = FixedCost.stages(4, 0.02, 0.02, 0.02)
+            strategy = tfpar.Pipeline(split_points=points, microbatches=8, schedule="zb_h1")
+        """
+        model = keras.Sequential(
+            [keras.Input((width,)), cls(0.0, 0.0, 0.0, name="cost_in")]
+            + [cls(forward_seconds, backward_seconds, weight_seconds, name=f"cost_{i}")
+               for i in range(num_stages)])
+        return model, [f"cost_{i}" for i in range(1, num_stages)]
 
     def get_config(self):
         return {**super().get_config(), "forward_seconds": self.forward_seconds,
-                "backward_seconds": self.backward_seconds}
+                "backward_seconds": self.backward_seconds,
+                "weight_seconds": self.weight_seconds}
