@@ -78,7 +78,7 @@ def test_gpt3_175b_on_1024_a100_is_megatrons_tensor_8_pipeline_8_data_16():
     # Narayanan et al. (2021), Table 1: 175B on 1024 A100s, batch 1536, t=8, p=8,
     # micro-batch 1, with activation recomputation.
     plan = recommend(Workload(SIZES["gpt3-175b"], 1536, precision="mixed_bfloat16",
-                              recompute=True), Hardware(devices=1024, **A100_80GB_NODES))
+                              recompute="full"), Hardware(devices=1024, **A100_80GB_NODES))
     best = plan.best
     assert (best.dims.dp, best.dims.tp, best.dims.pp, best.micro_batch) == (16, 8, 8, 1)
     assert best.dims == ParallelDims(dp=16, tp=8, pp=8, microbatches=96)
@@ -95,7 +95,7 @@ def test_without_recomputation_gpt3_175b_needs_a_deeper_pipeline():
 def test_mt_nlg_530b_keeps_tensor_in_the_node_and_pipelines_across_nodes():
     # Smith et al. (2022): 530B on 2240 A100s (280 nodes), t=8, p=35, d=8, batch 1920.
     mt_nlg = GPTConfig(layers=105, hidden=20480, heads=128, vocab=50304, seq_len=2048)
-    plan = recommend(Workload(mt_nlg, 1920, precision="mixed_bfloat16", recompute=True),
+    plan = recommend(Workload(mt_nlg, 1920, precision="mixed_bfloat16", recompute="full"),
                      Hardware(devices=2240, **A100_80GB_NODES))
     best = plan.best.dims
     assert best.tp == 8 and best.pp >= 20, best
@@ -121,7 +121,7 @@ def test_configurations_that_do_not_fit_are_rejected_and_nothing_fitting_says_wh
 @pytest.mark.multiprocess
 def test_plan_prints_a_table_and_json_with_the_recommendation(tmp_path):
     args = ["plan", "--model=gpt3-175b", "--devices=1024", "--global_batch_size=1536",
-            "--precision=mixed_bfloat16", "--recompute"]
+            "--precision=mixed_bfloat16", "--recompute=full"]
     table = tfpar_cli(*args, timeout=60)
     assert table.returncode == 0, table.stdout
     assert "state GiB" in table.stdout and "\n>    16      8     8" in table.stdout

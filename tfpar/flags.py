@@ -342,10 +342,11 @@ def _pipeline_flags(f) -> bool:
         _check(len(set(points)) == len(points),
                f"--split_points={','.join(points)}: names a layer twice; each split point "
                "begins a new stage.")
+        how = ("give K-1 split points for K stages" if v == 1 else
+               f"give K x V - 1 split points for K devices of V={v} stages each")
         _check(not stages or stages * v == len(points) + 1,
                f"--pipeline_stages={stages} but --split_points={','.join(points)} make "
-               f"{len(points) + 1} stages; give K x V - 1 split points for K devices of V "
-               f"stages (V={v}), or drop --pipeline_stages.")
+               f"{len(points) + 1} stages; {how}, or drop --pipeline_stages.")
     pipeline = f["strategy"] == "pipeline" or (f["pp"] or 1) > 1
     pipeline_only = [f"--{n}" for n, default in (("pipeline_stages", 0), ("microbatches", 1),
                                                   ("pipeline_replicas", 1),

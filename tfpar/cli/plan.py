@@ -46,7 +46,7 @@ COMMAND = Command(
     usage="--model SIZE --devices N --global_batch_size B [--devices_per_node G] "
           "[--device_memory GIB] [--precision P] [--format table|json] ...",
     example="tfpar plan --model=gpt3-175b --devices=1024 --global_batch_size=1536 "
-            "--precision=mixed_bfloat16 --recompute",
+            "--precision=mixed_bfloat16 --recompute=full",
     groups=(("model", define_model_flags),
             ("shared with tfpar train", _define_shared_flags),
             ("plan", plan_flags.define_plan_flags)),

@@ -11,7 +11,7 @@ Pure Python: no TensorFlow is imported. Example::
 
     from tfpar.plan import Hardware, Workload, recommend
     from tfpar.models import SIZES
-    plan = recommend(Workload(SIZES["gpt3-175b"], global_batch=1536, recompute=True,
+    plan = recommend(Workload(SIZES["gpt3-175b"], global_batch=1536, recompute="full",
                               precision="mixed_bfloat16"),
                      Hardware(devices=1024, devices_per_node=8, memory_gib=80))
     plan.best.dims          # ParallelDims(dp=16, tp=8, pp=8, microbatches=96, ...)

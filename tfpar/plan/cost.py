@@ -25,11 +25,11 @@ Memory per device (the largest stage's device):
   the device's layers: 1F1B K - stage, GPipe M, ZB-H1 K, ...), plus the
   float32 logits on the last stage. With full recomputation a layer keeps
   only its input (2 bytes x s*b*h) and one layer's activations are rebuilt
-  at a time. tfpar's runtime does not recompute; the option exists to
-  compare with published configurations, which do.
+  at a time; with selective recomputation a layer drops the attention core
+  (the 5*a*s/(h*t) term), as `tfpar.recompute` implements both.
 
 Time per step: the model's FLOPs (`training_flops_per_token`, x4/3 with
-recomputation) at `efficiency` x peak, stretched by the pipeline bubble of
+full recomputation, + the attention core's forward with selective) at `efficiency` x peak, stretched by the pipeline bubble of
 the schedule (`Schedule.bubble_fraction`: its ideal timing with equal
 forward, input- and weight-gradient costs; (K-1)/(M+K-1) for GPipe and
 1F1B), plus communication that is not overlapped: tensor-parallel
@@ -109,9 +109,13 @@ class Workload:
     global_batch: int
     precision: str = "mixed_bfloat16"
     schedule: str = "1f1b"
-    recompute: bool = False
+    recompute: str = "none"  # tfpar.recompute.MODES
 
     def __post_init__(self):
+        from tfpar.recompute import MODES
+
+        if self.recompute not in MODES:
+            raise ValueError(f"recompute={self.recompute!r}: use one of {list(MODES)}.")
         if self.global_batch < 1:
             raise ValueError(f"global_batch={self.global_batch}: must be >= 1.")
         if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
@@ -121,6 +125,15 @@ class Workload:
     @property
     def activation_bytes(self) -> int:
         return 4 if self.precision == "float32" else 2
+
+    def recompute_flops_per_token(self) -> float:
+        """FLOPs per token that recomputation adds to `training_flops_per_token`."""
+        m = self.model
+        if self.recompute == "full":  # the forward again: 1/3 of forward + backward
+            return m.training_flops_per_token() / 3
+        if self.recompute == "selective":  # scores and context again: 2 matmuls of s x h
+            return 4 * m.seq_len * m.hidden * m.layers
+        return 0.0
 
 
 def microbatches(work: Workload, dims: ParallelDims, micro_batch: int) -> int:
@@ -175,7 +188,8 @@ def variable_bytes(model: GPTConfig, tensor: int = 1, pipeline: int = 1) -> list
 
 def activation_bytes_per_layer(work: Workload, micro_batch: int, tensor: int) -> float:
     m, s, b, t = work.model, work.model.seq_len, micro_batch, tensor
-    per_16bit = s * b * m.hidden * (10 + 24 / t + 5 * m.heads * s / (m.hidden * t))
+    core = 0 if work.recompute == "selective" else 5 * m.heads * s / (m.hidden * t)
+    per_16bit = s * b * m.hidden * (10 + 24 / t + core)
     return per_16bit * work.activation_bytes / 2
 
 
@@ -195,11 +209,12 @@ def memory(work: Workload, dims: ParallelDims, micro_batch: int) -> dict:
     rows = []
     for s, stage_layers in enumerate(layers):
         blocks = sum(1 for i in stage_layers if model.layer_parameters()[i][0].startswith("block_"))
-        stash = work.activation_bytes * tokens * model.hidden if work.recompute else per_layer
+        full = work.recompute == "full"
+        stash = work.activation_bytes * tokens * model.hidden if full else per_layer
         held = blocks * stash
         if s == p - 1:  # float32 logits and their softmax, split over the vocabulary
             held += 2 * 4 * tokens * model.vocab / t
-        act = in_flight[s] * held + (per_layer if work.recompute and blocks else 0)
+        act = in_flight[s] * held + (per_layer if full and blocks else 0)
         weights = params[s] * WEIGHT_BYTES
         gradients = params[s] * GRADIENT_BYTES
         optimizer = params[s] * (ADAM_BYTES + (ACCUMULATOR_BYTES if accumulate else 0))
@@ -234,7 +249,8 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
     model, d, t, p, b = work.model, dims.batch_shards, dims.tp, dims.pp, micro_batch
     m = microbatches(work, dims, micro_batch)
     tokens = work.global_batch * model.seq_len
-    flops = tokens * model.training_flops_per_token() * (4 / 3 if work.recompute else 1)
+    model_flops = tokens * model.training_flops_per_token()
+    flops = model_flops + tokens * work.recompute_flops_per_token()
     peak = hw.peak_tflops * 1e12
     compute = flops / (hw.devices * peak * hw.efficiency)
     bubble = _bubble(work.schedule, dims.virtual_stages, p, m) if p > 1 else 0.0
@@ -247,7 +263,8 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
 
     activation = model.seq_len * b * model.hidden * work.activation_bytes
     layers_per_stage = math.ceil(model.layers / p)
-    all_reduces = (6 if work.recompute else 4) * layers_per_stage * m
+    # The recomputed forward of a full block all-reduces again (2 per layer).
+    all_reduces = (6 if work.recompute == "full" else 4) * layers_per_stage * m
     tp_bytes = all_reduces * (2 * (t - 1) / t * activation if t > 1 else 0.0)
     tp_time = all_reduces * _ring_all_reduce(activation, t, bandwidth(t))
     pp_bytes = 2 * m * activation if p > 1 else 0.0
@@ -259,4 +276,4 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
     return {"compute_s": compute, "bubble": bubble, "tensor_comm_s": tp_time,
             "pipeline_comm_s": pp_time, "data_comm_s": dp_time, "step_s": total,
             "comm_bytes": tp_bytes + pp_bytes + dp_bytes, "tokens_per_s": tokens / total,
-            "mfu": flops / (1 if not work.recompute else 4 / 3) / (total * hw.devices * peak)}
+            "mfu": model_flops / (total * hw.devices * peak)}

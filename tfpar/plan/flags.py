@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from absl import flags
 
+from tfpar import recompute
+
 from tfpar import flags as tfpar_flags
 from tfpar.models import flags as model_flags
 from tfpar.plan.cost import ACCELERATORS, Hardware, Workload
@@ -36,9 +38,10 @@ PLAN_FLAGS = {
         "GB/s per device and direction between nodes (its share of the network)."),
     "efficiency": (flags.DEFINE_float, 0.5,
         "Fraction of peak FLOP/s the matmuls achieve (0.4-0.6 on large GPU jobs)."),
-    "recompute": (flags.DEFINE_bool, False,
-        "Assume full activation recomputation (published large-model runs use it; "
-        "tfpar's runtime does not)."),
+    "recompute": (tfpar_flags.enum_flag(recompute.MODES), "none",
+        "Activation recomputation to assume, as tfpar train's --recompute: none, "
+        "selective (the attention core) or full (each block; published large-model runs "
+        "use it)."),
     "runnable_only": (flags.DEFINE_bool, False,
         "Only layouts tfpar can run today (no tensor x pipeline, pipelines on one "
         "host)."),

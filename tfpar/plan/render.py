@@ -31,7 +31,7 @@ def table(plan: Plan, top: int = 12) -> str:
     lines = [f"GPT {w.model.layers} layers x {w.model.hidden} hidden x {w.model.heads} heads, "
              f"{w.model.num_parameters / 1e9:.2f}B parameters, context {w.model.seq_len}, "
              f"global batch {w.global_batch}, {w.precision}"
-             f"{', full recomputation' if w.recompute else ''}",
+             f"{'' if w.recompute == 'none' else f', {w.recompute} recomputation'}",
              f"{hw.devices} devices ({hw.devices_per_node} per node, {hw.memory_gib:g} GiB, "
              f"{hw.peak_tflops:g} TFLOP/s peak at {hw.efficiency:.0%} efficiency, "
              f"{hw.intra_node_gbps:g} GB/s in a node, {hw.inter_node_gbps:g} GB/s between)", ""]

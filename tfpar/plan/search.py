@@ -10,7 +10,7 @@ model-parallel devices, then larger micro-batches).
 
 Example::
 
-    work = Workload(tfpar.models.SIZES["gpt3-175b"], global_batch=1536, recompute=True)
+    work = Workload(tfpar.models.SIZES["gpt3-175b"], global_batch=1536, recompute="full")
     plan = recommend(work, Hardware(devices=1024))        # 8-GPU A100-80GB nodes
     plan.best.dims            # ParallelDims(dp=16, tp=8, pp=8, microbatches=96)
     plan.best.micro_batch     # 1 sequence per micro-batch
@@ -150,7 +150,7 @@ def _reasons(plan: Plan) -> list[str]:
                 f"({hw.memory_gib:g} GiB x {cost.USABLE_FRACTION}); the smallest need is "
                 f"{_gib(smallest.memory['total'])} (data={dims.dp}, tensor={dims.tp}, "
                 f"pipeline={dims.pp}, micro-batch {smallest.micro_batch}): use more devices, "
-                "devices with more memory, a shorter context, or --recompute"]
+                "devices with more memory, a shorter context, or --recompute=full"]
     dims, mem = best.dims, best.memory
     reasons = []
     state = mem["weights"] + mem["gradients"] + mem["optimizer"]
@@ -185,9 +185,9 @@ def _reasons(plan: Plan) -> list[str]:
     reasons.append(f"fullest device: {_gib(mem['total'])} of {_gib(hw.usable_bytes)} usable "
                    f"(weights+gradients+AdamW {_gib(state)}, activations "
                    f"{_gib(mem['activations'])})")
-    if work.recompute:
-        reasons.append("assumes full activation recomputation (as Megatron-LM's published "
-                       "runs); tfpar's runtime keeps activations instead")
+    if work.recompute != "none":
+        reasons.append(f"assumes {work.recompute} activation recomputation (tfpar train "
+                       f"--recompute={work.recompute}; Megatron-LM's published runs recompute)")
     if best.tfpar_flags is None:
         runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
         reasons.append("tfpar cannot run this layout yet (tensor x pipeline, or a pipeline "

@@ -174,10 +174,11 @@ class Pipeline(StrategyBase):
         if split_points:
             pieces = len(split_points) + 1
             if pieces % v or stages not in (None, 0, pieces // v):
+                how = ("give K-1 split points for K stages" if v == 1 else
+                       f"give K*V-1 split points for K devices of V={v} stages each")
                 raise PipelineConfigError(
                     f"stages={stages}, virtual_stages={v} but split_points="
-                    f"{list(split_points)} make {pieces} stages; give K*V-1 split points "
-                    f"for K devices of V stages each.")
+                    f"{list(split_points)} make {pieces} stages; {how}.")
             stages = pieces // v
         if stages is not None and stages < 0:
             raise PipelineConfigError(f"stages={stages}: must be >= 1 (or 0/None: one per device).")
