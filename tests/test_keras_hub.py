@@ -88,10 +88,14 @@ def by_path(model):
 
 def max_abs_diff(a, b):
     """Over every weight but the attention key biases (exact gradient 0; see
-    tests/test_exact_sparse.py)."""
+    tests/test_exact_sparse.py). Printed for `pytest -s`: b's strategy, a's name."""
     wa, wb = by_path(a), by_path(b)
     assert sorted(wa) == sorted(wb)
-    return max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa if not k.endswith("key/bias"))
+    diff = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa if not k.endswith("key/bias"))
+    strategy = tfpar.strategies.strategy_for(b)
+    print(f"\n{a.name} {getattr(strategy, 'kind', type(strategy).__name__)}: "
+          f"max |dw| {diff:.1e}")
+    return diff
 
 
 _exact = {}
@@ -139,3 +143,19 @@ def test_tensor_parallel_megatron_matches_one_device(name):
 def test_data_parallel_matches_one_device(name):
     assert max_abs_diff(exact(name), train(tfpar.DataParallel(), name)) <= TOLERANCE
 
+
+SECOND_BLOCK = {"gemma": "decoder_block_1"}  # the others: transformer_layer_1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pipeline_cut_between_transformer_blocks_matches_one_device(name):
+    block = SECOND_BLOCK.get(name, "transformer_layer_1")
+    strategy = tfpar.Pipeline(split_points=[block], microbatches=4)
+    model = train(strategy, name)
+    first, last = (stage.spec for stage in strategy.stages)
+    assert last.layer_names[0] == block and first.layer_names[0] == "token_embedding"
+    # The hidden state and the padding mask cross the cut; the token embedding is
+    # called in both stages (the tied LM head, or Llama's untied one in the same layer).
+    assert [t.dtype for t in last.inputs] == ["float32", "int32"]
+    assert "token_embedding" in last.layer_names
+    assert max_abs_diff(exact(name), model) <= TOLERANCE

@@ -311,7 +311,9 @@ class Pipeline(StrategyBase):
                         tape = tf.GradientTape() if training else _no_tape()
                         with tape:
                             if training and s > 0:
-                                tape.watch(inp)
+                                # A stage may receive model inputs next to the hidden
+                                # state (a padding mask): only floats have gradients.
+                                tape.watch([t for t in tf.nest.flatten(inp) if t.dtype.is_floating])
                             out = stage.model(inp, training=training)
                             loss = None
                             if stage.is_last and kind != "predict":
@@ -346,14 +348,15 @@ class Pipeline(StrategyBase):
                             # computed here: their gradients come from this tape.
                             sources += [v for v in model.trainable_variables
                                         if not any(v is w for w in stage.trainable_variables)]
-                        wrt = sources + ([inputs[(s, mb)]] if s > 0 else [])
+                        received = tf.nest.flatten(inputs[(s, mb)]) if s > 0 else []
+                        wrt = sources + received
                         grads = tapes.pop((s, mb)).gradient(
                             targets.pop((s, mb)), wrt, output_gradients=upstream)
                         grads = [None if g is None else _dense(g) for g in grads]
                         if record:
                             grads = self.timeline.mark(grads, key, begin=False)
                         if s > 0:
-                            input_grads[(s, mb)] = grads[-1]
+                            input_grads[(s, mb)] = grads[len(sources):]
                             del inputs[(s, mb)]
                         for v, g in zip(sources, grads):
                             if g is None:
