@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import tfpar
+from tfpar import compat
 from tfpar.strategies.tensor import layouts
 from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 
@@ -137,6 +138,39 @@ def test_tensor_parallel_megatron_matches_one_device(name):
     model = train(strategy, name)
     assert any("model" in axes for _, axes in strategy.variables.values())
     assert max_abs_diff(exact(name), model) <= TOLERANCE
+
+
+# keras-hub 0.32's MistralBackbone has no get_layout_map.
+BACKBONES = {"gemma": "GemmaBackbone", "llama": "LlamaBackbone", "qwen": "QwenBackbone"}
+
+
+def own_layout_map(name):
+    """The backbone's `get_layout_map` for a 2x2 mesh: weights on `model` and `batch`."""
+    mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"),
+                                         devices=[f"CPU:{i}" for i in range(4)])
+    return getattr(keras_hub.models, BACKBONES[name]).get_layout_map(mesh)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_tensor_parallel_with_the_backbones_own_layout_map_matches_one_device(name):
+    strategy = tfpar.TensorParallel("batch:2,model:2", own_layout_map(name))
+    model = train(strategy, name)
+    on_both = [p for p, (_, axes) in strategy.variables.items()
+               if {"batch", "model"} <= set(axes) and not p.startswith("adamw/")]
+    assert any("feedforward" in p or "ffw" in p for p in on_both)
+    assert max_abs_diff(exact(name), model) <= TOLERANCE
+
+
+def test_without_gathering_on_read_llamas_own_layout_map_fails_in_dtensor(monkeypatch):
+    strategy = tfpar.TensorParallel("batch:2,model:2", own_layout_map("llama"))
+    compat.remove_keras_fixes("gather_on_read")
+    monkeypatch.setattr(compat, "apply_keras_fixes", lambda: None)  # the scope would reinstall it
+    try:
+        with pytest.raises(Exception, match="Contracting dimension for matmul"):
+            train(strategy, "llama")
+    finally:
+        monkeypatch.undo()
+        compat.apply_keras_fixes()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
