@@ -222,7 +222,7 @@ def test_on_a_newer_keras_mechanisms_are_still_installed_and_fixes_are_skipped(
                for kind in ("fix", "mechanism")}
     now = {n for n, p in compat.PATCHES.items() if installed(p, upstream_keras)}
     assert now == by_kind["mechanism"] == {"dtensor_variables", "dtensor_layer_inputs",
-                                            "step_functions"}
+                                            "gather_on_read", "step_functions"}
     assert not compat.keras_needs_fixes()
     for name in by_kind["fix"]:
         assert f"the Keras fix {name!r}" in caplog.text and "is not applied" in caplog.text

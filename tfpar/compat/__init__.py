@@ -3,7 +3,8 @@
 A patch is either a **fix** (Keras or TensorFlow is wrong for distribution;
 the patch names the upstream issue) or a **mechanism** (Keras has no hook
 for what a tfpar strategy does, so the patch *is* part of that strategy:
-DTensor variables and step functions for `TensorParallel` and `Pipeline`).
+DTensor variables, weights gathered where layers read them, and step
+functions for `TensorParallel` and `Pipeline`).
 
 | patch | kind | module |
 | --- | --- | --- |
@@ -15,6 +16,7 @@ DTensor variables and step functions for `TensorParallel` and `Pipeline`).
 | sum_duplicate_rows | fix | `sum_duplicate_rows` |
 | dtensor_variables | mechanism | `dtensor_variables` |
 | dtensor_layer_inputs | mechanism | `dtensor_layer_inputs` |
+| gather_on_read | mechanism | `gather_on_read` |
 | step_functions | mechanism | `step_functions` |
 
 `apply_keras_fixes()` installs them once; tfpar's strategies call it, so
@@ -40,6 +42,7 @@ from tfpar.compat import (
     chief_only_writes,
     dtensor_layer_inputs,
     dtensor_variables,
+    gather_on_read,
     makedirs_race,
     reduce_before_apply,
     reduce_scalar_metrics,
@@ -68,6 +71,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     makedirs_race.PATCH,
     dtensor_variables.PATCH,
     dtensor_layer_inputs.PATCH,
+    gather_on_read.PATCH,
     step_functions.PATCH,
     reduce_before_apply.PATCH,
     sum_duplicate_rows.PATCH,

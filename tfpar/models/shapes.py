@@ -67,8 +67,10 @@ class GPTConfig:
 
     def pipeline_cuts(self) -> list[int]:
         """Positions i in `layer_parameters()` after which a stage may end: one
-        tensor crosses there (after the embeddings' add, each block, ln_f)."""
-        return list(range(2, self.layers + 4))
+        computed tensor crosses there, with model inputs (after the token
+        embedding, whose output and the tokens cross; after the embeddings'
+        add, each block, ln_f)."""
+        return [0] + list(range(2, self.layers + 4))
 
     def training_flops_per_token(self) -> float:
         """Model FLOPs of one training token (forward + backward), as in MFU.

@@ -389,7 +389,10 @@ class Pipeline(StrategyBase):
                                 else _no_tape())
                         with tape:
                             if training and s > 0:
-                                tape.watch(inp)
+                                # A stage may receive model inputs next to the hidden
+                                # state (a padding mask): only floats have gradients.
+                                tape.watch([t for t in tf.nest.flatten(inp)
+                                            if t.dtype.is_floating])
                             out, per_layer = stage(inp, training=training)
                             loss = None
                             if stage.is_last and kind != "predict":
@@ -415,25 +418,28 @@ class Pipeline(StrategyBase):
                         after[stage.rank] = tf.nest.flatten(done)
                     elif action.kind == BACKWARD:
                         upstream = None if stage.is_last else input_grads.pop((s + 1, mb))
+                        # Everything the stage received: the hidden state, and model
+                        # inputs such as a padding mask that cross the cut with it.
+                        received = tf.nest.flatten(inputs[(s, mb)]) if s > 0 else []
                         if split_backward:
                             grads = _input_gradients(
-                                stage, tapes[(s, mb)], targets[(s, mb)],
-                                inputs[(s, mb)] if s > 0 else None,
+                                stage, tapes[(s, mb)], targets[(s, mb)], received,
                                 layer_outputs[(s, mb)], upstream)
                         else:
                             sources = _sources(model, stage)
-                            wrt = sources + ([inputs[(s, mb)]] if s > 0 else [])
                             grads = tapes.pop((s, mb)).gradient(
-                                targets.pop((s, mb)), wrt, output_gradients=upstream)
+                                targets.pop((s, mb)), sources + received,
+                                output_gradients=upstream)
                             grads = [None if g is None else _dense(g) for g in grads]
                         if record:
                             grads = self.timeline.mark(grads, key, begin=False, after=reads)
                         if s > 0:
-                            input_grads[(s, mb)] = grads[-1] if not split_backward else grads[0]
+                            input_grads[(s, mb)] = (grads[:len(received)] if split_backward
+                                                    else grads[len(sources):])
                             del inputs[(s, mb)]
                         if split_backward:
                             # For W: the gradients of the loss w.r.t. each layer's output.
-                            pending[(s, mb)] = (upstream, grads[1 if s > 0 else 0:])
+                            pending[(s, mb)] = (upstream, grads[len(received):])
                         else:
                             accumulate(r, sources, grads)
                         after[stage.rank] = [g for g in grads if g is not None]
@@ -505,10 +511,10 @@ def _sources(model, stage) -> list:
 # normalisation), a small cost next to the products it computes.
 
 
-def _input_gradients(stage, tape, target, stage_input, layer_outputs, upstream):
-    """B: [dL/d input (if any), dL/dh for each weighted layer's outputs]."""
+def _input_gradients(stage, tape, target, received, layer_outputs, upstream):
+    """B: [dL/d each received tensor, dL/dh for each weighted layer's outputs]."""
     flat = [t for outs in layer_outputs for t in outs]
-    wrt = ([stage_input] if stage_input is not None else []) + flat
+    wrt = list(received) + flat
     grads = tape.gradient(target, wrt, output_gradients=upstream)
     return [None if g is None else _dense(g) for g in grads]
 

@@ -24,6 +24,20 @@ Dense layers are recognized by name: name MLP layers ``*mlp_up``/``*mlp_down``
 (also ``fc1``/``fc2``, ``up_proj``/``down_proj``, ``gate_proj``), the LM head
 ``lm_head``. tfpar's reference GPT follows this.
 
+keras-hub's decoder blocks are recognized by their own names:
+
+| model | column-parallel | row-parallel |
+| --- | --- | --- |
+| GPT-2, Llama, Mistral, Qwen | ``feedforward_intermediate_dense``, ``feedforward_gate_dense`` | ``feedforward_output_dense`` |
+| Gemma | ``ffw_gating``, ``ffw_gating_2`` | ``ffw_linear`` |
+
+and ``self_attention/{query,key,value,attention_output}`` as above. Gemma's
+attention kernels put heads first (query ``(heads, d, head_dim)``), so
+``decoder_block_N/attention/{query,key,value}/kernel`` split their first
+dimension. An untied LM head (``token_embedding/reverse_embeddings``,
+``(d, vocab)``) is column-parallel. Grouped-query attention needs as many
+key/value heads as a multiple of the model axis.
+
 Example::
 
     mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"))
@@ -40,8 +54,11 @@ import keras
 
 PRESETS = ("megatron", "replicated")
 
-_COLUMN = r"(mlp_up|fc1|up_proj|gate_proj|ffn_up|dense_up|intermediate|lm_head)"
-_ROW = r"(mlp_down|fc2|down_proj|ffn_down|dense_down|output_proj)"
+_COLUMN = (r"(mlp_up|fc1|up_proj|gate_proj|ffn_up|dense_up|intermediate|lm_head"
+           r"|feedforward_intermediate_dense|feedforward_gate_dense|ffw_gating|ffw_gating_2)")
+_ROW = r"(mlp_down|fc2|down_proj|ffn_down|dense_down|output_proj|feedforward_output_dense|ffw_linear)"
+# Gemma's EinsumDense attention kernels are (heads, d, head_dim), not (d, heads, head_dim).
+_HEADS_FIRST = r"(.*/)?decoder_block_\d+/attention/"
 
 
 class LayoutError(ValueError):
@@ -60,10 +77,13 @@ def megatron(mesh: keras.distribution.DeviceMesh, model_axis: str = "model") -> 
     layout_map[rf"(.*/)?{_COLUMN}/kernel"] = (None, m)
     layout_map[rf"(.*/)?{_COLUMN}/bias"] = (m,)
     layout_map[rf"(.*/)?{_ROW}/kernel"] = (m, None)
-    layout_map[r"(.*/)?(query|key|value)/kernel"] = (None, m, None)
+    # Keys must not overlap (a path matching two is an error): Gemma's are excluded here.
+    layout_map[rf"(?!{_HEADS_FIRST})(.*/)?(query|key|value)/kernel"] = (None, m, None)
+    layout_map[rf"{_HEADS_FIRST}(query|key|value)/kernel"] = (m, None, None)
     layout_map[r"(.*/)?(query|key|value)/bias"] = (m, None)
     layout_map[r"(.*/)?attention_output/kernel"] = (m, None, None)
     layout_map[r"(.*/)?(embedding(_\d+)?|token_embedding|tok_emb|wte)/embeddings"] = (m, None)
+    layout_map[r"(.*/)?token_embedding/reverse_embeddings"] = (None, m)
     return layout_map
 
 
