@@ -67,7 +67,7 @@ CNN_ROWS = {
 }
 
 
-def strategy_for(dims, kind=None):
+def build_row(dims, kind=None):
     return tfpar.strategies.build(dims, kind=kind, layouts="replicated" if kind else "megatron")
 
 
@@ -101,7 +101,7 @@ def gpt_row(initial):
 
     def get(name):
         if name not in trained:
-            trained[name] = train(strategy_for(GPT_ROWS[name]), "gpt", initial["gpt"])
+            trained[name] = train(build_row(GPT_ROWS[name]), "gpt", initial["gpt"])
         return trained[name]
 
     return get
@@ -131,7 +131,7 @@ def test_distributed_rows_agree_with_each_other(a, b, gpt_row):
 # ------------------------------------------------- synchronized BatchNormalization
 @pytest.mark.parametrize("row", list(CNN_ROWS))
 def test_synchronized_batch_normalization_matches_one_device(row, initial, exact):
-    model = train(strategy_for(*CNN_ROWS[row]), "cnn", initial["cnn"])
+    model = train(build_row(*CNN_ROWS[row]), "cnn", initial["cnn"])
     assert max_abs_diff(exact["cnn"], model) <= TOLERANCE
 
 
@@ -165,7 +165,7 @@ def four_microbatches(initial):
                          ids=["4_microbatches", "2_replicas_x_2_microbatches"])
 def test_pipeline_batch_normalization_normalizes_each_microbatch(dims, initial, exact,
                                                                  four_microbatches):
-    model = train(strategy_for(dims), "cnn", initial["cnn"])
+    model = train(build_row(dims), "cnn", initial["cnn"])
     # Statistics over 4 rows instead of 16: training differs from one device...
     assert max_abs_diff(exact["cnn"], model) > 1e-3
     # ... and equals one-device gradient accumulation over the same micro-batches,
@@ -186,7 +186,7 @@ def test_unsynchronized_batch_normalization_under_data_parallel_normalizes_each_
 
 def test_tensor_parallel_batch_normalization_uses_the_whole_batch_even_unsynchronized(
         initial, exact):
-    strategy = strategy_for(ParallelDims(dp=4), "tensor")
+    strategy = build_row(ParallelDims(dp=4), "tensor")
     model = train(strategy, "cnn", initial["cnn"], build=lambda: cnn(False))
     assert max_abs_diff(exact["cnn"], model) <= TOLERANCE
 
