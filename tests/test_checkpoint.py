@@ -7,17 +7,14 @@ in real processes: tests/test_checkpoint_faults.py, tests/test_preemption.py.
 import errno
 import json
 import os
-import shutil
-import subprocess
 
 import h5py
 import keras
 import numpy as np
 import pytest
 
-import tfpar
 from tfpar.callbacks import BackupAndRestore, CheckpointWriteError
-from tfpar.compat._keras import weights_h5_bytes
+from tfpar.compat._keras import snapshot_h5_bytes, weights_h5_bytes, weights_snapshot
 
 BATCHES = 8  # per epoch
 
@@ -86,15 +83,28 @@ def test_async_backups_resume_mid_epoch_to_the_weights_of_an_uninterrupted_run(
     assert not tmp_path.exists()  # delete_checkpoint: removed after the pending write
 
 
-def test_an_async_backup_holds_the_state_of_its_step_not_of_when_it_is_written(tmp_path):
-    """The snapshot is taken at the step boundary; training goes on meanwhile."""
+def test_a_snapshot_keeps_the_state_of_its_step_while_training_goes_on():
+    """An async backup is serialized after later steps have updated the variables."""
     model = mlp()
-    backup = BackupAndRestore(str(tmp_path), delete_checkpoint=False, async_save=True)
-    fit(model, 1, [backup])
-    at_epoch_end = weights_h5_bytes(model)
-    backup.wait_for_pending_save()
-    fit(model, 1, [])  # the weights move on
-    assert (tmp_path / metadata(tmp_path)["weights"]).read_bytes() == at_epoch_end
+    fit(model, 1, [])
+    at_the_step = weights_h5_bytes(model)
+    snapshot = weights_snapshot(model)
+    fit(model, 1, [])  # weights and optimizer state change (in place where TF can)
+    assert snapshot_h5_bytes(snapshot) == at_the_step
+    assert weights_h5_bytes(model) != at_the_step
+
+
+def test_a_backup_file_is_the_file_keras_save_weights_writes(tmp_path):
+    model = mlp()
+    fit(model, 1, [BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)])
+    model.save_weights(str(tmp_path / "keras.weights.h5"))
+    restored = [mlp(), mlp()]
+    for m, path in zip(restored, ["backup/backup-e1-b0.weights.h5", "keras.weights.h5"]):
+        m.optimizer.build(m.trainable_variables)
+        m.load_weights(str(tmp_path / path))
+    for a, b in zip(*[m.get_weights() + [v.numpy() for v in m.optimizer.variables]
+                      for m in restored]):
+        assert np.array_equal(a, b)
 
 
 def test_a_failing_background_write_is_raised_at_the_next_save(tmp_path, monkeypatch):
@@ -118,26 +128,6 @@ def test_a_failing_background_write_is_raised_at_the_next_save(tmp_path, monkeyp
 
 
 # ----------------------------------------------------------------- full disk
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size) -> a directory on a tmpfs of `size` bytes, unmounted afterwards."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    mounted = []
-
-    def mount(size):
-        path = tmp_path / "disk"
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tfpar-test", str(path)],
-                       check=True)
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_full_disk_raises_one_error_naming_the_file_and_the_space_and_keeps_the_last_backup(
         small_disk, async_save):

@@ -1,4 +1,8 @@
-"""A process killed at every step of a backup's commit: the previous backup is the latest, and resumes.
+"""Crash-consistent checkpoints: kills at every step of a commit, and a full disk.
+
+A process killed at any step of a backup's commit leaves the previous
+backup as the latest, and a relaunch resumes from it; `tfpar train` on a
+full disk exits 2 with one line and keeps the previous checkpoint.
 
 `TFPAR_CHECKPOINT_FAULT=STEP@2` (see `tfpar.callbacks.COMMIT_STEPS`) makes
 the worker SIGKILL itself right after STEP of its second backup (the end of
@@ -8,12 +12,18 @@ weights of an uninterrupted run, bit for bit.
 """
 
 import json
+import re
 
+import h5py
 import numpy as np
 import pytest
 
-from conftest import run, worker_command
-from tfpar.callbacks import COMMIT_STEPS
+import tfpar
+from conftest import run, tfpar_cli, worker_command
+from tfpar.callbacks import COMMIT_STEPS, BackupAndRestore
+from tfpar.compat._keras import weights_h5_bytes
+from tfpar.data import corpus
+from tfpar.train import TrainConfig, job
 
 pytestmark = pytest.mark.multiprocess
 
@@ -58,3 +68,37 @@ def test_a_kill_at_each_commit_step_leaves_the_last_committed_backup_and_resumes
     # What the killed save left behind is gone after the relaunch's own saves.
     assert sorted(p.name for p in backup.iterdir()) == [
         "backup-e3-b0.weights.h5", "training_metadata.json"]
+
+
+def test_tfpar_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, small_disk):
+    data_dir = str(tmp_path / "tfds")
+    corpus.prepare(corpus.DEFAULT_DATASET, data_dir)
+    config = TrainConfig(layers=1, seq_len=32, data_dir=data_dir)
+    shape = config.gpt_config(256)
+    model = job._compiled_gpt(config, shape, tfpar.OneDevice())
+    model.optimizer.build(model.trainable_variables)
+    size = len(weights_h5_bytes(model))
+    out = tmp_path / "out"
+    # The checkpoint directory on a disk with room for one checkpoint, not two.
+    small_disk(-(-int(size * 1.5) // 4096) * 4096 + 8192, out / "checkpoint")
+
+    result = tfpar_cli("train", "--layers=1", "--seq_len=32", "--global_batch_size=16",
+                       "--train_steps=24", "--eval_every=6", "--eval_batches=2",
+                       "--warmup_steps=2", "--sample_tokens=8", "--peak_tflops=1",
+                       f"--data_dir={data_dir}", f"--output_dir={out}", timeout=180)
+    assert result.returncode == 2, result.stdout[-3000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("tfpar train: ")]
+    needed = re.fullmatch(
+        f"tfpar train: cannot write the checkpoint {re.escape(str(out))}/checkpoint/"
+        r"backup-e2-b0\.weights\.h5: "
+        r"no space left on its file system \(it needs ([0-9.]+) MB, [0-9.]+ MB free\); free "
+        r"space there or give another directory. The previous checkpoint is intact.", errors[-1])
+    assert needed, errors[-1]
+    assert abs(float(needed.group(1)) - size / 1e6) < 0.01 * size / 1e6
+    assert "Traceback" not in result.stdout
+    assert BackupAndRestore(str(out / "checkpoint")).position() == (1, 0)
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+        "backup-e1-b0.weights.h5", "training_metadata.json"]
+    with h5py.File(out / "checkpoint" / "backup-e1-b0.weights.h5") as f:
+        assert "optimizer" in f

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from tfpar import exit_codes
-from tfpar.compat._keras import weights_h5_bytes
+from tfpar.compat._keras import snapshot_h5_bytes, weights_snapshot
 from tfpar.strategies import registry
 from tfpar.strategies.base import should_write, strategy_for
 
@@ -149,11 +149,13 @@ def _write_file(path: str, data: bytes, steps: tuple) -> None:
     _fault_point(synced)
 
 
-def _commit(backup_dir: str, metadata_path: str, name: str, data: bytes,
+def _commit(backup_dir: str, metadata_path: str, name: str, snapshot: list,
             metadata: dict) -> None:
     """Writes weights file `name` and commits `metadata` naming it; atomic and durable.
 
-    1. the weights go to a new file, which is fsync'ed;
+    1. the weights (`snapshot`, see `tfpar.compat._keras.weights_snapshot`)
+       are serialized to a `.weights.h5` image and written to a new file,
+       which is fsync'ed;
     2. the metadata goes to a staging file, which is fsync'ed, and so is the
        directory (the new entries survive a power loss);
     3. a rename replaces the metadata (the commit: readers see the old
@@ -163,7 +165,7 @@ def _commit(backup_dir: str, metadata_path: str, name: str, data: bytes,
     """
     _commits_started[0] += 1
     local = _is_local(backup_dir)
-    _write_file(tf.io.gfile.join(backup_dir, name), data,
+    _write_file(tf.io.gfile.join(backup_dir, name), snapshot_h5_bytes(snapshot),
                 ("weights_partial", "weights_written", "weights_synced"))
     staging = metadata_path + ".tmp"
     _write_file(staging, json.dumps(metadata).encode(), (None, None, None))
@@ -198,9 +200,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
       needs, and leaves it intact too. (Buckets, through tf.io.gfile, have
       no fsync: there an object is whole once its upload returns.)
     - ``async_save=True``: at the step boundary every process snapshots the
-      weights and optimizer state to host memory (the `.weights.h5` bytes;
-      gathering sharded weights is a collective); the writer then writes
-      and commits them in a background thread while training goes on. The
+      weights and optimizer state to host memory (NumPy; gathering sharded
+      weights is a collective); the writer then serializes, writes and
+      commits them in a background thread while training goes on. The
       next save, the end of training, a preemption (before its exit 210)
       and the process's exit wait for that write; a failed write is raised
       (`CheckpointWriteError`) at the next save or at the end.
@@ -339,22 +341,22 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         Every process calls it and takes the snapshot: reading a sharded
         weight to the host is a collective over the mesh, which may span
         processes (a DTensor mesh "batch:1,model:4" over 2 clients deadlocks
-        if only the chief gathers). The snapshot is the `.weights.h5` file in
-        host memory; only the writer (`should_write`) then writes and commits
-        it (`_commit`), in a background thread with `async_save`.
+        if only the chief gathers). The snapshot holds the values in host
+        memory; only the writer (`should_write`) then serializes, writes and
+        commits it (`_commit`), in a background thread with `async_save`.
         """
         self.wait_for_pending_save()
         position = (self._current_epoch, step_in_epoch)
         if position == self._last_saved:  # e.g. a preemption right after a regular save
             return
-        data = weights_h5_bytes(self.model)
+        snapshot = weights_snapshot(self.model)
         self._last_saved = position
         if not should_write(self.model):
             return
         tf.io.gfile.makedirs(self.backup_dir)
         name = f"backup-e{position[0]}-b{position[1]}.weights.h5"
         metadata = {"epoch": position[0], "step_in_epoch": position[1], "weights": name}
-        args = (self.backup_dir, self._metadata_path, name, data, metadata)
+        args = (self.backup_dir, self._metadata_path, name, snapshot, metadata)
         if not self.async_save:
             _commit(*args)
             return
