@@ -76,8 +76,10 @@ def test_tfpar_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_last_che
     corpus.prepare(corpus.DEFAULT_DATASET, data_dir)
     config = TrainConfig(layers=1, seq_len=32, data_dir=data_dir)
     shape = config.gpt_config(256)
-    model = job._compiled_gpt(config, shape, tfpar.OneDevice())
-    model.optimizer.build(model.trainable_variables)
+    strategy = tfpar.OneDevice()
+    model = job._compiled_gpt(config, shape, strategy)
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
     size = len(weights_h5_bytes(model))
     out = tmp_path / "out"
     # The checkpoint directory on a disk with room for one checkpoint, not two.
