@@ -13,6 +13,7 @@ weights of an uninterrupted run, bit for bit.
 
 import json
 import re
+import sys
 
 import h5py
 import numpy as np
@@ -104,3 +105,34 @@ def test_tfpar_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_last_che
         "backup-e1-b0.weights.h5", "training_metadata.json"]
     with h5py.File(out / "checkpoint" / "backup-e1-b0.weights.h5") as f:
         assert "optimizer" in f
+
+
+EXIT_AFTER_ASYNC_SAVE = """
+import sys, time
+import keras, numpy as np
+import tfpar.callbacks as callbacks
+
+upstream = callbacks._write_file
+def slow_write(*args):  # a write still going on when the program fails
+    time.sleep(2)
+    upstream(*args)
+callbacks._write_file = slow_write
+
+class Fail(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise RuntimeError("the program fails right after a save")
+
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+model.compile(optimizer="adam", loss="mse")
+model.fit(np.ones((8, 4)), np.ones((8, 2)), epochs=2, verbose=0, callbacks=[
+    callbacks.BackupAndRestore(sys.argv[1], delete_checkpoint=False, async_save=True), Fail()])
+"""
+
+
+def test_a_process_that_fails_after_an_async_save_exits_only_once_the_save_is_committed(
+        tmp_path):
+    result = run([sys.executable, "-c", EXIT_AFTER_ASYNC_SAVE, str(tmp_path)], timeout=120)
+    assert result.returncode == 1 and "the program fails right after a save" in result.stdout
+    assert json.loads((tmp_path / "training_metadata.json").read_text()) == {
+        "epoch": 1, "step_in_epoch": 0, "weights": "backup-e1-b0.weights.h5"}
+    assert (tmp_path / "backup-e1-b0.weights.h5").stat().st_size > 0
