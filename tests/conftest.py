@@ -14,6 +14,7 @@ fails any other test that tries (other programs, such as `ip`, are allowed).
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +63,29 @@ def worker_command(*flags):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size[, path]) -> a directory on a tmpfs of `size` bytes, unmounted afterwards.
+
+    A full disk, for the checkpoint tests (needs root; skips otherwise).
+    """
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    mounted = []
+
+    def mount(size, path=None):
+        path = path or tmp_path / "disk"
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tfpar-test", str(path)],
+                       check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 _PYTHON = re.compile(r"python[0-9.]*$")

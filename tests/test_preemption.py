@@ -1,16 +1,28 @@
-"""Preemption on loopback workers: SIGTERM -> agreed step -> checkpoint -> exit 210 -> exact resume."""
+"""Preemption and kills under every strategy: SIGTERM -> agreed step -> checkpoint -> exit 210
+-> exact resume; SIGKILL mid-training -> relaunch -> exact resume.
+
+Multi-worker data parallelism runs on 2 loopback workers (tests/workers/
+mlp_worker.py); one-process `tfpar train` runs under `OneDevice`,
+`DataParallel`, `TensorParallel` and `Pipeline` (with and without replicas).
+2-process `TensorParallel` is in tests/test_tensor_parallel_faults.py.
+"""
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 
+import tfpar.models.transformer  # noqa: F401  (registers the GPT's layers for load_model)
 from conftest import REPO, run, worker_command
 from tfpar import exit_codes
+from tfpar.data import corpus
 from tfpar.launch import free_ports
 
 pytestmark = pytest.mark.multiprocess
@@ -78,3 +90,142 @@ def test_sigterm_saves_an_agreed_step_exits_210_and_resumes_to_identical_weights
     assert json.load(open(f"{resumed}.rank0.json"))["steps"] == 24
     for a, b in zip(weights(clean), weights(resumed)):
         assert np.array_equal(a, b)
+
+
+# ------------------------------------------------- tfpar train, one process
+# 24 optimizer steps of 16 windows of 32 bytes, validated and checkpointed
+# every 6, on a 1-block GPT (checkpoints are written in the background: the
+# default). Each run takes 15-25 s on 2 shared cores.
+TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--layers=1", "--seq_len=32",
+         "--global_batch_size=16", "--train_steps=24", "--eval_every=6", "--eval_batches=2",
+         "--warmup_steps=2", "--lr_decay_steps=24", "--sample_tokens=8", "--peak_tflops=1"]
+STRATEGIES = {
+    "one_device": ["--strategy=one_device"],
+    "data": ["--strategy=data", "--num_simulated_devices=2"],
+    "tensor": ["--strategy=tensor", "--mesh=batch:2,model:2", "--num_simulated_devices=4"],
+    "pipeline": ["--strategy=pipeline", "--pipeline_stages=2", "--microbatches=2",
+                 "--num_simulated_devices=2"],
+    "pipeline_replicas": ["--strategy=pipeline", "--pipeline_stages=2",
+                          "--pipeline_replicas=2", "--microbatches=2",
+                          "--num_simulated_devices=4"],
+}
+PREEMPTED_AT = re.compile(r"tfpar: preempted: checkpoint of epoch (\d+) batch (\d+) saved")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    corpus.prepare(corpus.DEFAULT_DATASET, path)
+    return path
+
+
+class Train:
+    """One `tfpar train` process, its output in a log file."""
+
+    def __init__(self, strategy, out, data_dir):
+        self.log = out.parent / f"{out.name}.{len(list(out.parent.glob(out.name + '.*.log')))}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [*TRAIN, *STRATEGIES[strategy], f"--data_dir={data_dir}", f"--output_dir={out}"],
+                env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2"), cwd=REPO,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def output(self):
+        return self.log.read_text()
+
+    def wait_for(self, text, timeout=120):
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert time.monotonic() < deadline, f"no {text!r}:\n{self.output[-3000:]}"
+            assert self.process.poll() is None, self.output[-3000:]
+            time.sleep(0.02)
+
+    def signal(self, sig, timeout=60):
+        """(exit code, seconds from `sig` to the exit)."""
+        signalled = time.monotonic()
+        os.kill(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
+        return self.process.returncode, time.monotonic() - signalled
+
+    def finish(self, timeout=180):
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
+        assert self.process.returncode == 0, self.output[-3000:]
+        return self.output
+
+    def kill(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def final_weights(out):
+    model = keras.saving.load_model(str(out / "model.keras"))
+    return {v.path: v.numpy() for v in model.weights}
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not different, different
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """strategy -> the final weights of its uninterrupted run (made once)."""
+    runs = {}
+
+    def get(strategy):
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{strategy}") / "out"
+            Train(strategy, out, data_dir).finish()
+            runs[strategy] = final_weights(out)
+        return runs[strategy]
+
+    return get
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_tfpar_train_sigterm_commits_an_agreed_step_exits_210_and_resumes_bit_identically(
+        strategy, uninterrupted, data_dir, tmp_path):
+    expected = uninterrupted(strategy)
+    out = tmp_path / "out"
+    job = Train(strategy, out, data_dir)
+    job.wait_for("Epoch 2/4")  # compiled; SIGTERM in the middle of training
+    code, seconds = job.signal(signal.SIGTERM)
+    assert code == exit_codes.PREEMPTED, job.output[-3000:]
+    print(f"{strategy}: SIGTERM to exit {code} in {seconds:.2f} s")
+    assert seconds < 30, seconds
+    # The save was committed before the exit, although writes are asynchronous.
+    metadata = json.loads((out / "checkpoint" / "training_metadata.json").read_text())
+    assert PREEMPTED_AT.findall(job.output) == [
+        (str(metadata["epoch"]), str(metadata["step_in_epoch"]))]
+    assert (out / "checkpoint" / metadata["weights"]).is_file()
+    step = metadata["epoch"] * 6 + metadata["step_in_epoch"]
+    assert 6 < step < 24
+
+    output = Train(strategy, out, data_dir).finish()
+    assert f"at optimizer step {step} of 24" in output
+    assert_bit_identical(expected, final_weights(out))
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "pipeline", "pipeline_replicas"])
+def test_tfpar_train_killed_mid_training_resumes_from_its_last_checkpoint_bit_identically(
+        strategy, uninterrupted, data_dir, tmp_path):
+    expected = uninterrupted(strategy)
+    out = tmp_path / "out"
+    job = Train(strategy, out, data_dir)
+    job.wait_for("Epoch 3/4")  # epoch 2's checkpoint taken, perhaps still being written
+    code, _ = job.signal(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+
+    output = Train(strategy, out, data_dir).finish()
+    resumed_at = re.search(r"at optimizer step (\d+) of 24", output)
+    assert resumed_at and resumed_at.group(1) in ("6", "12"), output[-3000:]
+    assert_bit_identical(expected, final_weights(out))

@@ -6,16 +6,20 @@
 (an HDF5 lock error or a makedirs race on a shared directory), it writes
 the weights and the epoch counter as two files, so a kill between the two
 leaves a backup whose weights and epoch disagree, and it resumes a mid-epoch
-backup from the start of its epoch. `BackupAndRestore` below fixes all three;
-`PreemptionCheckpoint` adds saving on SIGTERM (Kubernetes preemption).
+backup from the start of its epoch. `BackupAndRestore` below fixes all three,
+makes the commit durable (fsync) and can write in the background
+(`async_save`); `PreemptionCheckpoint` adds saving on SIGTERM (Kubernetes
+preemption).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -24,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from tfpar import exit_codes
-from tfpar.compat.chief_only_writes import scratch_path
+from tfpar.compat._keras import snapshot_h5_bytes, weights_snapshot
 from tfpar.strategies import registry
 from tfpar.strategies.base import should_write, strategy_for
 
@@ -37,16 +41,171 @@ class BackupError(ValueError):
     """A backup directory whose backup cannot be restored (corrupt or incomplete)."""
 
 
+class CheckpointWriteError(OSError):
+    """A backup that could not be written (a full disk, a lost mount, no permission).
+
+    Nothing was committed: the previous backup is still the one a restart
+    restores. The message names the file, and for a full disk the space it
+    needs and the space that is free.
+    """
+
+
+# ------------------------------------------------------------------ commit
+# The steps of committing a backup, in order (see `_commit`). Setting
+# TFPAR_CHECKPOINT_FAULT=STEP, or STEP@N for the N-th commit of the process
+# (default the first), makes the writer kill itself with SIGKILL right after
+# STEP: the seam through which tests/test_checkpoint_faults.py shows that a
+# process killed at any point of a save leaves the previous backup as the
+# latest, restorable one. Unset, it costs one environment lookup per step.
+COMMIT_STEPS = (
+    "weights_partial",   # the first half of the new weights file is written
+    "weights_written",   # all of it is written, not yet synced
+    "weights_synced",    # fsync'ed and closed
+    "metadata_staged",   # the new metadata is in training_metadata.json.tmp, synced
+    "metadata_renamed",  # the commit: the new metadata replaced the old one
+    "stale_removed",     # older weights files are gone
+)
+FAULT_ENV = "TFPAR_CHECKPOINT_FAULT"
+_commits_started = [0]  # commits this process began (for STEP@N)
+_WEIGHTS_FILE = re.compile(r"backup-e\d+-b\d+\.weights\.h5$")
+
+
+def _fault_point(step: str) -> None:
+    """SIGKILLs this process if TFPAR_CHECKPOINT_FAULT names `step` of this commit."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    name, _, nth = wanted.partition("@")
+    if name not in COMMIT_STEPS or not (nth or "1").isdigit():
+        raise ValueError(f"{FAULT_ENV}={wanted!r}: not STEP or STEP@N with STEP one of "
+                         f"{', '.join(COMMIT_STEPS)}; unset it to save normally.")
+    if name == step and _commits_started[0] == int(nth or 1):
+        sys.stderr.write(f"tfpar: {FAULT_ENV}={wanted}: killing this process after {step}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_local(path: str) -> bool:
+    """Whether `path` is on a local (or mounted) file system, where fsync works.
+
+    Bucket paths (gs://, s3://, hdfs://) go through tf.io.gfile, which has
+    no fsync: their durability is the object store's (an object is visible
+    whole or not at all once its upload returns).
+    """
+    return "://" not in str(path)
+
+
+def _sync_directory(path: str) -> None:
+    """Makes the directory's entries (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def _write_failure(path: str, size: int, error: Exception) -> str:
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            stat = os.statvfs(os.path.dirname(path))
+            free = f", {_megabytes(stat.f_bavail * stat.f_frsize)} free"
+        except OSError:
+            free = ""
+        return (f"cannot write the checkpoint {path}: no space left on its file system (it "
+                f"needs {_megabytes(size)}{free}); free space there or give another "
+                "directory. The previous checkpoint is intact.")
+    return (f"cannot write the checkpoint {path}: {error}. The previous checkpoint is "
+            "intact.")
+
+
+def _write_file(path: str, data: bytes, steps: tuple) -> None:
+    """Writes `data` to a new file at `path` and syncs it, or raises CheckpointWriteError.
+
+    `steps`: the fault points after half of it, all of it, and its sync.
+    A file that could not be written whole is removed.
+    """
+    partial, written, synced = steps
+    try:
+        if _is_local(path):
+            with open(path, "wb") as f:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                _fault_point(partial)
+                f.write(data[len(data) // 2:])
+                f.flush()
+                _fault_point(written)
+                os.fsync(f.fileno())
+        else:
+            with tf.io.gfile.GFile(path, "wb") as f:
+                f.write(data)
+    except (OSError, tf.errors.OpError) as e:
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            tf.io.gfile.remove(path)
+        raise CheckpointWriteError(_write_failure(path, len(data), e)) from e
+    _fault_point(synced)
+
+
+def _commit(backup_dir: str, metadata_path: str, name: str, snapshot: list,
+            metadata: dict) -> None:
+    """Writes weights file `name` and commits `metadata` naming it; atomic and durable.
+
+    1. the weights (`snapshot`, see `tfpar.compat._keras.weights_snapshot`)
+       are serialized to a `.weights.h5` image and written to a new file,
+       which is fsync'ed;
+    2. the metadata goes to a staging file, which is fsync'ed, and so is the
+       directory (the new entries survive a power loss);
+    3. a rename replaces the metadata (the commit: readers see the old
+       backup or the new one, never a mix), and the directory is synced;
+    4. every other weights file (the previous backup, or one a killed save
+       left behind) is removed.
+    """
+    _commits_started[0] += 1
+    local = _is_local(backup_dir)
+    _write_file(tf.io.gfile.join(backup_dir, name), snapshot_h5_bytes(snapshot),
+                ("weights_partial", "weights_written", "weights_synced"))
+    staging = metadata_path + ".tmp"
+    _write_file(staging, json.dumps(metadata).encode(), (None, None, None))
+    if local:
+        _sync_directory(backup_dir)
+    _fault_point("metadata_staged")
+    if local:
+        os.replace(staging, metadata_path)
+        _sync_directory(backup_dir)
+    else:
+        tf.io.gfile.rename(staging, metadata_path, overwrite=True)
+    _fault_point("metadata_renamed")
+    for other in tf.io.gfile.listdir(backup_dir):
+        if other != name and _WEIGHTS_FILE.match(other):
+            with contextlib.suppress(tf.errors.NotFoundError, OSError):
+                tf.io.gfile.remove(tf.io.gfile.join(backup_dir, other))
+    _fault_point("stale_removed")
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` for multi-worker jobs.
 
     - Only the chief writes; every worker restores from the chief's backup,
       so all workers resume at the same epoch with the same weights (the
       backup directory must be shared between workers: a volume or a bucket).
-    - A backup is committed atomically: weights go to a new file first, then
-      a small metadata file naming that file and the epoch replaces the old
-      one with a rename. A process killed at any moment leaves the previous
-      backup intact.
+    - A backup is committed atomically and durably: weights go to a new
+      file, which is fsync'ed, then a small metadata file naming that file
+      and the position replaces the old one with a rename (the directory is
+      fsync'ed before and after). A process killed at any moment, or a
+      machine that loses power, leaves the previous backup intact; a full
+      disk raises `CheckpointWriteError` naming the file and the space it
+      needs, and leaves it intact too. (Buckets, through tf.io.gfile, have
+      no fsync: there an object is whole once its upload returns.)
+    - ``async_save=True``: at the step boundary every process snapshots the
+      weights and optimizer state to host memory (NumPy; gathering sharded
+      weights is a collective); the writer then serializes, writes and
+      commits them in a background thread while training goes on. The
+      next save, the end of training, a preemption (before its exit 210)
+      and the process's exit wait for that write; a failed write is raised
+      (`CheckpointWriteError`) at the next save or at the end.
 
     - A mid-epoch backup (integer ``save_freq``, or a preemption) records
       how many batches of the epoch were done; on restore those batches are
@@ -61,15 +220,20 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     Example::
 
-        model.fit(ds, epochs=10,
-                  callbacks=[tfpar.callbacks.BackupAndRestore("/ckpt/backup")])
+        model.fit(ds, epochs=10, callbacks=[
+            tfpar.callbacks.BackupAndRestore("/ckpt/backup", async_save=True)])
     """
 
-    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
+    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True, *,
+                 async_save: bool = False):
         super().__init__(backup_dir, save_freq=save_freq,
                          delete_checkpoint=delete_checkpoint, double_checkpoint=False)
         self._metadata_path = tf.io.gfile.join(backup_dir, _METADATA)
         self._skip_batches = 0
+        self.async_save = async_save
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._last_saved: tuple[int, int] | None = None
 
     def _read_metadata(self):
         if not tf.io.gfile.exists(self._metadata_path):
@@ -172,36 +336,64 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._save_model(step_in_epoch=batch + 1)
 
     def _save_model(self, step_in_epoch: int = 0):
-        """Commits a backup of the state after `step_in_epoch` batches of the current epoch.
+        """Backs up the state after `step_in_epoch` batches of the current epoch.
 
-        Every process calls it and runs `save_weights`: gathering a sharded
-        weight is a collective over the mesh, which may span processes (a
-        DTensor mesh "batch:1,model:4" over 2 clients deadlocks if only the
-        chief gathers). Every other process saves to a scratch directory that
-        is removed at once (`tfpar.compat.chief_only_writes.scratch_path`);
-        only the writer creates the backup directory and commits the metadata.
+        Every process calls it and takes the snapshot: reading a sharded
+        weight to the host is a collective over the mesh, which may span
+        processes (a DTensor mesh "batch:1,model:4" over 2 clients deadlocks
+        if only the chief gathers). The snapshot holds the values in host
+        memory; only the writer (`should_write`) then serializes, writes and
+        commits it (`_commit`), in a background thread with `async_save`.
         """
-        name = f"backup-e{self._current_epoch}-b{step_in_epoch}.weights.h5"
+        self.wait_for_pending_save()
+        position = (self._current_epoch, step_in_epoch)
+        if position == self._last_saved:  # e.g. a preemption right after a regular save
+            return
+        snapshot = weights_snapshot(self.model)
+        self._last_saved = position
         if not should_write(self.model):
-            with scratch_path(name) as scratch:
-                self.model.save_weights(scratch, overwrite=True)
             return
         tf.io.gfile.makedirs(self.backup_dir)
-        previous = self._read_metadata() or {}
-        self.model.save_weights(tf.io.gfile.join(self.backup_dir, name), overwrite=True)
-        metadata = {"epoch": self._current_epoch, "step_in_epoch": step_in_epoch,
-                    "weights": name}
-        staging = self._metadata_path + ".tmp"
-        with tf.io.gfile.GFile(staging, "w") as f:
-            f.write(json.dumps(metadata))
-        tf.io.gfile.rename(staging, self._metadata_path, overwrite=True)  # the commit
-        stale = previous.get("weights")
-        if stale and stale != name:
-            stale_path = tf.io.gfile.join(self.backup_dir, stale)
-            if tf.io.gfile.exists(stale_path):
-                tf.io.gfile.remove(stale_path)
+        name = f"backup-e{position[0]}-b{position[1]}.weights.h5"
+        metadata = {"epoch": position[0], "step_in_epoch": position[1], "weights": name}
+        args = (self.backup_dir, self._metadata_path, name, snapshot, metadata)
+        if not self.async_save:
+            _commit(*args)
+            return
+        # Not a daemon: a process that ends (training done, an error) waits
+        # for the write instead of cutting it off.
+        self._pending = threading.Thread(target=self._commit_in_background, args=args,
+                                         name="tfpar-backup-writer", daemon=False)
+        self._pending.start()
+
+    def _commit_in_background(self, *args):
+        try:
+            _commit(*args)
+        except BaseException as e:  # raised on the training thread by the next wait
+            log.error("tfpar: the background write of a backup failed: %s", e)
+            self._pending_error = e
+
+    def wait_for_pending_save(self) -> None:
+        """Waits for a backup being written in the background; raises its failure.
+
+        The next save, the end of training and a preemption call it, so a
+        failed write stops training at the next save rather than going
+        unnoticed, and a process never exits before its backup is committed.
+        """
+        thread, self._pending = self._pending, None
+        if thread is not None:
+            thread.join()
+        error, self._pending_error = self._pending_error, None
+        if error is None:
+            return
+        if isinstance(error, CheckpointWriteError):
+            raise CheckpointWriteError(str(error)) from error
+        raise CheckpointWriteError(f"writing a backup to {self.backup_dir} in the background "
+                                   f"failed: {error!r}. The previous checkpoint is "
+                                   "intact.") from error
 
     def on_train_end(self, logs=None):
+        self.wait_for_pending_save()
         if not should_write(self.model):
             return
         if self.delete_checkpoint and tf.io.gfile.exists(self.backup_dir):
@@ -246,6 +438,9 @@ class PreemptionCheckpoint(BackupAndRestore):
       peer_lost_exit_code: exit code when a peer is lost (None: leave the
         default, 1).
       delete_checkpoint: remove the backup when training completes.
+      async_save: write backups in a background thread (see
+        `BackupAndRestore`); the preemption save is committed before the
+        exit either way.
 
     Example::
 
@@ -255,8 +450,9 @@ class PreemptionCheckpoint(BackupAndRestore):
 
     def __init__(self, backup_dir, save_freq="epoch", *, exit_code: int = exit_codes.PREEMPTED,
                  peer_lost_exit_code: int | None = exit_codes.PEER_LOST,
-                 delete_checkpoint: bool = True):
-        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
+                 delete_checkpoint: bool = True, async_save: bool = False):
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint,
+                         async_save=async_save)
         self.exit_code = exit_code
         self.peer_lost_exit_code = peer_lost_exit_code
         self._signalled = threading.Event()
@@ -285,6 +481,8 @@ class PreemptionCheckpoint(BackupAndRestore):
     def _exit_on_peer_loss(self, exc_type, exc, tb):
         self._previous_excepthook(exc_type, exc, tb)
         if issubclass(exc_type, _PEER_LOST_ERRORS):
+            with contextlib.suppress(Exception):  # a backup being written is kept
+                self.wait_for_pending_save()
             code = self.peer_lost_exit_code
             sys.stderr.write(f"tfpar: a peer worker was lost ({exc_type.__name__}); exiting "
                              f"with {code} ({exit_codes.describe(code)})\n")
@@ -315,6 +513,7 @@ class PreemptionCheckpoint(BackupAndRestore):
         if not self._any_worker(self._signalled.is_set()):
             return
         self._save_model(step_in_epoch=batch + 1)
+        self.wait_for_pending_save()
         self._any_worker(True)  # barrier: nobody exits before the chief has committed
         log.warning("tfpar: preempted; saved epoch %d batch %d to %s; exiting with %d",
                     self._current_epoch, batch + 1, self.backup_dir, self.exit_code)

@@ -21,6 +21,7 @@ flags.DEFINE_integer("examples", 256, "Training examples.")
 flags.DEFINE_string("backup_dir", None, "BackupAndRestore directory.")
 flags.DEFINE_bool("preemption", False, "With --backup_dir: PreemptionCheckpoint (save on SIGTERM).")
 flags.DEFINE_integer("backup_every", 0, "With --backup_dir: back up every N batches (0: per epoch).")
+flags.DEFINE_bool("async_save", False, "With --backup_dir: write backups in a background thread.")
 flags.DEFINE_string("checkpoint_path", None, "ModelCheckpoint file path (.weights.h5 or .keras).")
 flags.DEFINE_string("save_path", None, "model.save() path after fit.")
 flags.DEFINE_integer("kill_at_epoch", -1, "SIGKILL this process at the start of this epoch...")
@@ -77,7 +78,7 @@ def main(argv):
     if FLAGS.backup_dir:
         backup = PreemptionCheckpoint if FLAGS.preemption else BackupAndRestore
         callbacks.append(backup(FLAGS.backup_dir, save_freq=FLAGS.backup_every or "epoch",
-                                delete_checkpoint=False))
+                                delete_checkpoint=False, async_save=FLAGS.async_save))
     if FLAGS.checkpoint_path:
         callbacks.append(keras.callbacks.ModelCheckpoint(
             FLAGS.checkpoint_path,

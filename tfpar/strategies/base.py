@@ -96,7 +96,8 @@ class StrategyBase:
 
         Every process still runs the same saving code (gathering sharded
         weights is a collective); the others write to a scratch directory
-        (see `tfpar.compat.chief_only_writes`).
+        (`Model.save`, see `tfpar.compat.chief_only_writes`) or only take
+        the in-memory snapshot (`tfpar.callbacks.BackupAndRestore`).
         """
         return self.is_chief
 

@@ -52,6 +52,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 0
     output_dir: str = "runs/gpt"
+    async_checkpoint: bool = True
     sample_tokens: int = 300
     sample_prompt: str = "def "
     temperature: float = 0.8

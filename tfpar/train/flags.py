@@ -71,6 +71,11 @@ TRAIN_FLAGS = {
     "output_dir": (flags.DEFINE_string,
         "Checkpoint, TensorBoard logs, loss.png, sample.txt, model.keras, "
         "summary.json. A run given a directory with a checkpoint resumes from it."),
+    "async_checkpoint": (flags.DEFINE_bool,
+        "Write checkpoints in a background thread: a save stalls training only while the "
+        "weights and optimizer state are copied to host memory (which needs room for that "
+        "copy); the next save, the end of training and a preemption wait for the write. "
+        "--noasync_checkpoint writes each checkpoint before training goes on."),
     "sample_tokens": (flags.DEFINE_integer, "Tokens to generate at the end."),
     "sample_prompt": (flags.DEFINE_string, "The sample's prompt."),
     "temperature": (flags.DEFINE_float, "Sampling temperature."),

@@ -22,7 +22,10 @@ and it leaves in `output_dir`:
 Run again with the same `output_dir`, it resumes from its checkpoint: at the
 next optimizer step, with the data where it left off, and ends as an
 uninterrupted run would (a larger `train_steps` trains further). SIGTERM
-(a preempted pod) saves at the next step and exits 210.
+(a preempted pod) saves at the next step and exits 210. Checkpoints are
+written in a background thread (`async_checkpoint`); a checkpoint that
+cannot be written (a full disk) stops the job with one line naming the file
+and the space it needs, and the previous checkpoint stays the one to resume.
 
 Steps are optimizer steps. With `grad_accum_steps=k` each optimizer step
 averages the gradients of k global batches (Keras runs k batches per step).
@@ -139,7 +142,8 @@ def run(config: TrainConfig, strategy) -> dict:
                 "grad_accum_steps": k, "eval_every": config.eval_every, "seed": config.seed}
 
     checkpoint = tfpar.callbacks.PreemptionCheckpoint(
-        os.path.join(config.output_dir, "checkpoint"), delete_checkpoint=False)
+        os.path.join(config.output_dir, "checkpoint"), delete_checkpoint=False,
+        async_save=config.async_checkpoint)
     state, epoch, start_step = _resume_point(config, checkpoint, settings, state_path,
                                              steps_per_epoch)
 
@@ -203,10 +207,14 @@ def run(config: TrainConfig, strategy) -> dict:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(config.output_dir, "tensorboard"), write_graph=False,
             update_freq=max(1, steps_per_epoch // 20)))
-    model.fit(train, epochs=config.train_steps // config.eval_every,
-              steps_per_epoch=steps_per_epoch, validation_data=val, callbacks=callbacks,
-              shuffle=False,  # the data is shuffled already (Keras warns otherwise)
-              verbose=(1 if sys.stdout.isatty() else 2) if chief else 0)
+    try:
+        model.fit(train, epochs=config.train_steps // config.eval_every,
+                  steps_per_epoch=steps_per_epoch, validation_data=val, callbacks=callbacks,
+                  shuffle=False,  # the data is shuffled already (Keras warns otherwise)
+                  verbose=(1 if sys.stdout.isatty() else 2) if chief else 0)
+    except tfpar.callbacks.CheckpointWriteError as e:
+        # A full disk under --output_dir: one line, and the last checkpoint to resume from.
+        raise TrainConfigError(str(e)) from None
 
     final_val = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
     weights = model.get_weights()  # every worker: sharded weights gather collectively
