@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tfpar
+from consistency_cases import max_abs_diff
 from tfpar import compat
 from tfpar.compat.sum_duplicate_rows import sum_duplicate_rows
 from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
@@ -39,15 +40,6 @@ def train(strategy, dense=False, **optimizer_options):
     model.fit(tfpar.data.from_arrays((x, y), strategy, global_batch_size=BATCH), epochs=1,
               verbose=0)
     return model
-
-
-def max_abs_diff(a, b):
-    """Over every weight but the attention key biases: softmax is invariant to them, so
-    their exact gradient is 0 and Adam turns rounding noise into steps of about the
-    learning rate (2.8e-5 here between one device and 4 replicas, dense or sparse)."""
-    return max(float(np.max(np.abs(u - v))) for w, u, v in zip(a.weights, a.get_weights(),
-                                                               b.get_weights())
-               if not w.path.endswith("key/bias"))
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import pytest
 from tensorflow.experimental import dtensor
 
 import tfpar
+from consistency_cases import max_abs_diff
 from tfpar.strategies import keras_distribution
 
 STEPS, BATCH = 12, 16
@@ -45,14 +46,6 @@ def model_parallel():
     layout_map[".*mlp_down/kernel"] = ("model", None)
     layout_map[".*token_embedding/embeddings"] = ("model", None)
     return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
-
-
-def max_abs_diff(a, b):
-    """Over every weight but the attention key biases (exact gradient 0: Adam turns
-    rounding noise into steps; see tests/test_exact_sparse.py)."""
-    return max(float(np.max(np.abs(u - v))) for w, u, v in zip(a.weights, a.get_weights(),
-                                                               b.get_weights())
-               if not w.path.endswith("key/bias"))
 
 
 @pytest.fixture(scope="module", autouse=True)

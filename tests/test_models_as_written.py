@@ -12,6 +12,7 @@ import pytest
 from keras import ops
 
 import tfpar
+from consistency_cases import max_abs_diff
 from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 
 STEPS, BATCH, T, VOCAB, D = 12, 16, 16, 64, 32
@@ -73,18 +74,6 @@ def train(strategy, build, call_first=False):
         use_dense_gradients(model.optimizer)  # the exact update, as TensorParallel uses
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     return model
-
-
-def by_path(model):
-    return {w.path: np.asarray(v) for w, v in zip(model.weights, model.get_weights())}
-
-
-def max_abs_diff(a, b):
-    """Over every weight but the attention key biases (exact gradient 0; see
-    tests/test_exact_sparse.py)."""
-    wa, wb = by_path(a), by_path(b)
-    assert sorted(wa) == sorted(wb)
-    return max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa if not k.endswith("key/bias"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import tfpar
+from consistency_cases import max_abs_diff
 from conftest import run
 from tfpar.recompute import RecomputeError
 from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
@@ -36,14 +37,6 @@ def train(strategy, recompute):
         use_dense_gradients(model.optimizer)
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     return model
-
-
-def max_abs_diff(a, b):
-    """Over every weight but the attention key biases (exact gradient 0; see
-    tests/test_exact_sparse.py)."""
-    return max(float(np.max(np.abs(u - v))) for w, u, v in zip(a.weights, a.get_weights(),
-                                                               b.get_weights())
-               if not w.path.endswith("key/bias"))
 
 
 @pytest.fixture(scope="module")
