@@ -16,21 +16,27 @@ Sources, all through the same path::
     windows = text.lm_windows(docs, text.ByteTokenizer(), seq_len=128)
     train = text.lm_batches(windows, strategy, global_batch_size=64, train=True, seed=0)
 
-Tokenizers: byte-level by default (`ByteTokenizer`: 256 ids, nothing to
-download or train). Any object with `vocab_size`, a graph-mode
-`encode(tf.string scalar) -> int32 vector` and `decode(list[int]) -> str`
-can replace it (see `Tokenizer`); `tfpar train --tokenizer=module:attr`
-loads one.
+Tokenizers: UTF-8 bytes (`ByteTokenizer`: 256 ids), a byte-level BPE
+trained on the training text at first use and cached (`bpe:V`,
+`tfpar.data.bpe`), a saved `tokenizer.json`, or any object with
+`vocab_size`, a graph-mode `encode(tf.string scalar) -> int32 vector` and
+`decode(list[int]) -> str` (see `Tokenizer`; `tfpar train
+--tokenizer=module:attr` loads one). `load_tokenizer(spec, corpus)` makes
+each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import importlib
-from typing import Protocol, Sequence, runtime_checkable
+import os
+from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import tensorflow as tf
 
+from tfpar.data import bpe
 from tfpar.data.distributed import batch_for
 
 # Documents are packed this many at a time; each group loses its last
@@ -88,15 +94,46 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(256, np.int64)
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """"bytes", or "package.module:name" naming a Tokenizer class, factory or instance."""
+
+def load_tokenizer(spec: str, corpus: "TokenizerCorpus | None" = None) -> Tokenizer:
+    """The tokenizer `spec` names.
+
+    - "bytes": UTF-8 bytes (256 ids);
+    - "bpe:V": a byte-level BPE of V ids trained on `corpus` at first use and
+      cached (`tfpar.data.bpe`);
+    - a path to a saved `tokenizer.json` (Hugging Face `tokenizers` format);
+    - "package.module:name": a Tokenizer class, factory or instance.
+    """
     if spec == "bytes":
         return ByteTokenizer()
+    if spec.startswith(bpe.PREFIX):
+        try:
+            vocab = bpe.parse_vocab(spec)
+        except ValueError as e:
+            raise TextDataError(str(e)) from None
+        if corpus is None:
+            raise TextDataError(f"--tokenizer={spec!r} is trained on the training text; pass a "
+                                "TokenizerCorpus (tfpar train does), or a saved tokenizer.json.")
+        return corpus.train_bpe(vocab)
+    if spec.endswith(".json"):
+        if not os.path.isfile(spec):
+            raise TextNotFoundError(f"--tokenizer={spec!r}: no such file; give the path of a "
+                                    "saved tokenizer.json (a tfpar train output dir has one), "
+                                    "or bpe:VOCAB to train one.")
+        try:
+            return bpe.BPETokenizer(spec)
+        except Exception as e:  # noqa: BLE001 - the library's parse errors have no common type
+            raise TextDataError(f"--tokenizer={spec!r} is not a tokenizers-format "
+                                f"tokenizer.json ({str(e).splitlines()[0]}); give a file "
+                                "saved by tfpar train or Hugging Face tokenizers.") from None
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise TextDataError(f"--tokenizer={spec!r}: use 'bytes' or 'package.module:name' (a "
-                         "class, factory or instance with vocab_size, encode and decode).")
+        raise TextDataError(f"--tokenizer={spec!r}: use 'bytes', 'bpe:VOCAB', a tokenizer.json "
+                            "path or 'package.module:name' (a class, factory or instance with "
+                            "vocab_size, encode and decode).")
     try:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
@@ -115,6 +152,67 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise TextDataError(f"--tokenizer={spec!r} gave {type(tokenizer).__name__}, which lacks "
                          "vocab_size, encode or decode (see tfpar.data.text.Tokenizer).")
     return tokenizer
+
+
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+    """How many UTF-8 bytes each id stands for (bits per byte = bits per token x
+    tokens / bytes). Tokenizers without a `token_bytes()` of their own are
+    measured by decoding each id alone (exact for whole characters)."""
+    own = getattr(tokenizer, "token_bytes", None)
+    if own is not None:
+        return np.asarray(own(), np.int64)
+    return np.asarray([len(tokenizer.decode([i]).encode("utf-8"))
+                       for i in range(tokenizer.vocab_size)], np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerCorpus:
+    """The training text a `bpe:V` tokenizer is trained on, and where it is cached.
+
+    Made from the run's source: a TFDS split (cached in its data dir, keyed by
+    dataset, version and split) or local files (keyed by their names, sizes
+    and times). Example::
+
+        corpus = TokenizerCorpus.of_tfds("python_stdlib", "train")
+        tokenizer = load_tokenizer("bpe:4096", corpus)
+    """
+
+    texts: Callable[[], Iterable[str]]
+    cache_dir: str
+    key: str
+
+    def train_bpe(self, vocab: int) -> bpe.BPETokenizer:
+        return bpe.trained(vocab, self.texts, os.path.join(self.cache_dir,
+                                                           f"{self.key}-bpe{vocab}.json"))
+
+    @classmethod
+    def of_tfds(cls, name: str, split: str, data_dir: str | None = None,
+                text_key: str = "text", download: bool = False) -> "TokenizerCorpus":
+        from tfpar.data.corpus import default_data_dir, prepare
+
+        data_dir = data_dir or default_data_dir()
+        builder = prepare(name, data_dir, download=download)
+
+        def texts():
+            for value in tfds_documents(name, split, data_dir, text_key).as_numpy_iterator():
+                yield value.decode("utf-8", "replace")
+
+        return cls(texts, os.path.join(data_dir, "tfpar_tokenizers"),
+                   f"{name}-{builder.info.version}-{split}")
+
+    @classmethod
+    def of_files(cls, pattern: str, cache_dir: str) -> "TokenizerCorpus":
+        paths = sorted(globlib.glob(pattern))
+        if not paths:
+            raise TextNotFoundError(f"--text_files={pattern!r}: no file matches; check the path, "
+                                    "and quote the glob so the shell leaves it to tfpar.")
+
+        def texts():
+            for p in paths:
+                with open(p, encoding="utf-8", errors="replace") as f:
+                    yield f.read()
+
+        return cls(texts, cache_dir, f"files-{bpe.files_key(paths)}")
 
 
 # ------------------------------------------------------------------ sources

@@ -7,8 +7,10 @@ rules when they are parsed, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from tfpar import recompute
+from tfpar.data import bpe
 from tfpar.models.shapes import GPTConfig, config as gpt_shape
 
 # Vocabularies are padded to a multiple of this (Megatron's practice): a
@@ -84,6 +86,14 @@ class TrainConfig:
             recompute.check(self.recompute, self.dropout)
         except recompute.RecomputeError as e:
             raise TrainConfigError(f"--{e}") from e
+        if self.tokenizer.startswith(bpe.PREFIX):
+            try:
+                bpe.parse_vocab(self.tokenizer)
+            except ValueError as e:
+                raise TrainConfigError(str(e)) from None
+        need(not self.tokenizer.endswith(".json") or os.path.isfile(self.tokenizer),
+             f"--tokenizer={self.tokenizer!r}: no such file; give the path of a saved "
+             "tokenizer.json (a tfpar train output dir has one), or bpe:VOCAB to train one.")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The model's shape: the size preset, overridden by the shape flags."""

@@ -45,8 +45,10 @@ TRAIN_FLAGS = {
     "download": (flags.DEFINE_bool,
         "Let TFDS download --dataset if it is not prepared (needs internet)."),
     "tokenizer": (flags.DEFINE_string,
-        "'bytes' (UTF-8 bytes, 256 ids) or 'package.module:name' of a tokenizer with "
-        "vocab_size, encode and decode (see tfpar.data.text.Tokenizer)."),
+        "'bpe:VOCAB' (a byte-level BPE trained on the training text at first use and "
+        "cached next to the data), 'bytes' (UTF-8 bytes, 256 ids), the path of a saved "
+        "tokenizer.json, or 'package.module:name' of a tokenizer with vocab_size, encode and "
+        "decode (see tfpar.data.text.Tokenizer)."),
     # Optimization.
     "train_steps": (flags.DEFINE_integer, "Optimizer steps in all."),
     "eval_every": (flags.DEFINE_integer,
@@ -91,7 +93,7 @@ _FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
 # parsed, so a bad combination fails before TensorFlow starts.
 _CHECKED = ["train_steps", "eval_every", "eval_batches", "grad_accum_steps", "warmup_steps",
             "lr_decay_steps", "learning_rate", "min_lr_ratio", "clip_norm", "dropout",
-            "recompute"]
+            "recompute", "tokenizer"]
 
 
 def _valid(values) -> bool:
