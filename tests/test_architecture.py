@@ -23,6 +23,8 @@ PURE_MODULES = [
     "tfpar.plan", "tfpar.launch", "tfpar.k8s", "tfpar.cluster", "tfpar.parallel_dims",
     "tfpar.exit_codes", "tfpar.models.shapes", "tfpar.strategies.pipeline.schedules",
     "tfpar.strategies.pipeline.balance",
+    # The CLI parses and checks every command's flags before TensorFlow starts.
+    "tfpar.cli.main", "tfpar.train.config", "tfpar.train.sample",
 ]
 FRAMEWORKS = ("tensorflow", "keras", "jax", "torch")
 

@@ -120,6 +120,21 @@ _OTHER_MODEL = {"settings": {"model_config": {"layers": 12, "hidden": 768},
                              "seed": 0},
                 "initial_val_loss": 5.0, "train_losses": [], "val_losses": [],
                 "tokens": 0.0, "seconds": 0.0}
+
+
+# A `tfpar train` output dir as `tfpar generate` finds it (the model is only
+# read after the flags and the tokenizer are checked).
+def _run_dir(tmp, summary: dict | None = None, tokenizer_json: str | None = None):
+    out = tmp / "out"
+    out.mkdir()
+    (out / "model.keras").write_bytes(b"PK\x03\x04 not a Keras archive")
+    if summary is not None:
+        (out / "summary.json").write_text(json.dumps(summary))
+    if tokenizer_json is not None:
+        (out / "tokenizer.json").write_text(tokenizer_json)
+
+
+GENERATE = "generate --output_dir={tmp}/out"
 K8S = "k8s render --name=lm --image=img:1 --workers=2"
 PLAN = "plan --model=gpt2-small --devices=8 --global_batch_size=64"
 
@@ -257,6 +272,41 @@ CLI_CASES = {
     "train state of another program": Cli(
         "train --output_dir={tmp}/out", "train_state.json", "--output_dir",
         at_parse=False, fresh=True, setup=lambda tmp: _backup(tmp, _METADATA, state={"step": 3})),
+    "train temperature zero": Cli("train --temperature=0", "--temperature=0", "> 0"),
+    "train top_k negative": Cli("train --top_k=-1", "--top_k=-1", ">= 0"),
+    # ------------------------------------------------------ tfpar generate
+    "generate output dir missing": Cli("generate --output_dir={tmp}/runs/gpt", "runs/gpt",
+                                       "run `tfpar train --output_dir="),
+    "generate output dir without model": Cli(
+        GENERATE, "has no model.keras", "run `tfpar train --output_dir=",
+        setup=lambda tmp: (tmp / "out").mkdir()),
+    "generate temperature zero": Cli(GENERATE + " --temperature=0", "--temperature=0", "> 0"),
+    "generate temperature not a number": Cli(GENERATE + " --temperature=hot", "'hot'", "float"),
+    "generate top_k negative": Cli(GENERATE + " --top_k=-1", "--top_k=-1",
+                                   ">= 0 (the k most likely tokens; 0 means no limit"),
+    "generate top_p zero": Cli(GENERATE + " --top_p=0", "--top_p=0", "(0, 1]"),
+    "generate top_p above one": Cli(GENERATE + " --top_p=1.5", "--top_p=1.5", "(0, 1]"),
+    "generate max_new_tokens zero": Cli(GENERATE + " --max_new_tokens=0", "--max_new_tokens=0",
+                                        ">= 1"),
+    "generate max_new_tokens not a number": Cli(GENERATE + " --max_new_tokens=lots", "'lots'",
+                                                "int"),
+    "generate num_samples zero": Cli(GENERATE + " --num_samples=0", "--num_samples=0", ">= 1"),
+    "generate run without tokenizer": Cli(GENERATE, "no tokenizer.json and no summary.json",
+                                          "--tokenizer=bytes", setup=_run_dir),
+    "generate bpe run without tokenizer.json": Cli(
+        GENERATE, "'bpe:4096'", "--tokenizer=PATH/tokenizer.json",
+        setup=lambda tmp: _run_dir(tmp, {"tokenizer": "bpe:4096"})),
+    "generate tokenizer file missing": Cli(GENERATE + " --tokenizer={tmp}/tok.json", "tok.json",
+                                           "no such file", setup=_run_dir),
+    "generate tokenizer module missing": Cli(
+        GENERATE + " --tokenizer=no_such_module:Tok", "'no_such_module:Tok'", "on PYTHONPATH",
+        at_parse=False, setup=_run_dir),
+    "generate tokenizer.json garbage": Cli(
+        GENERATE, "tokenizer.json", "give a file saved by tfpar train", at_parse=False,
+        setup=lambda tmp: _run_dir(tmp, {"tokenizer": "bpe:4096"}, tokenizer_json="{merges")),
+    "generate model.keras garbage": Cli(
+        GENERATE, "model.keras: not a Keras model", "run `tfpar train --output_dir=",
+        at_parse=False, setup=lambda tmp: _run_dir(tmp, {"tokenizer": "bytes"})),
     # ------------------------------------------------------ tfpar plan
     "plan devices missing": Cli("plan --model=gpt2-small --global_batch_size=64", "--devices",
                                 "--devices=", at_parse=False),

@@ -18,6 +18,7 @@ HELP = {
     "launch": (["launch"], "--nproc", "--devices_per_node"),
     "train": (["train"], "--train_steps", "--nproc"),
     "info": (["info"], "--json", "--image"),
+    "generate": (["generate"], "--top_p", "--train_steps"),
 }
 
 
@@ -67,6 +68,8 @@ def test_tfpar_alone_lists_the_commands(capsys, args, code):
     assert got == code
     listing = out if code == 0 else err
     assert re.search(r"^  k8s render +Kubernetes manifests", listing, re.M)
+    assert re.search(r"^  generate +sample text from the model a tfpar train run saved",
+                     listing, re.M)
     assert "`tfpar <command> --help` lists the command's flags" in listing
 
 

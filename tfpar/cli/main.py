@@ -2,6 +2,7 @@
 
 Commands (one module each, a thin layer over the library):
   train       train the reference GPT on text (the embedded corpus by default)
+  generate    sample text from the model a tfpar train run saved
   plan        recommend data/tensor/pipeline degrees for a model and a cluster
   info        devices, versions, the strategy and degrees the flags give, the cluster
   launch      run a command as N local workers (tfpar's torchrun)
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import sys
 
-from tfpar.cli import info, k8s, launch, logs, plan, train
+from tfpar.cli import generate, info, k8s, launch, logs, plan, train
 from tfpar.cli.flags import UsageError, parse, usage, wants_help, write_error
 
-COMMANDS = (train.COMMAND, plan.COMMAND, info.COMMAND, launch.COMMAND, k8s.COMMAND)
+COMMANDS = (train.COMMAND, generate.COMMAND, plan.COMMAND, info.COMMAND, launch.COMMAND,
+            k8s.COMMAND)
 _BY_NAME = {c.name: c for c in COMMANDS}
 
 

@@ -12,6 +12,7 @@ import os
 from tfpar import recompute
 from tfpar.data import bpe
 from tfpar.models.shapes import GPTConfig, config as gpt_shape
+from tfpar.train.sample import SamplingError, check_sampling
 
 # Vocabularies are padded to a multiple of this (Megatron's practice): a
 # vocabulary-split embedding needs a size the model axis divides.
@@ -86,6 +87,11 @@ class TrainConfig:
             recompute.check(self.recompute, self.dropout)
         except recompute.RecomputeError as e:
             raise TrainConfigError(f"--{e}") from e
+        need(self.sample_tokens >= 0, f"--sample_tokens={self.sample_tokens}: must be >= 0.")
+        try:  # the end-of-run sample's settings: refused now, not after training
+            check_sampling(self.temperature, self.top_k, top_p=1.0)
+        except SamplingError as e:
+            raise TrainConfigError(f"--{e}") from None
         if self.tokenizer.startswith(bpe.PREFIX):
             try:
                 bpe.parse_vocab(self.tokenizer)

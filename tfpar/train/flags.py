@@ -81,7 +81,7 @@ TRAIN_FLAGS = {
     "sample_tokens": (flags.DEFINE_integer, "Tokens to generate at the end."),
     "sample_prompt": (flags.DEFINE_string, "The sample's prompt."),
     "temperature": (flags.DEFINE_float, "Sampling temperature."),
-    "top_k": (flags.DEFINE_integer, "Sample from the k most likely tokens."),
+    "top_k": (flags.DEFINE_integer, "Sample from the k most likely tokens (0: no limit)."),
     "peak_tflops": (flags.DEFINE_float,
         "Peak TFLOP/s per device for MFU (default: the GPU's data sheet, or a "
         "measured matmul on CPUs)."),
@@ -93,7 +93,7 @@ _FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
 # parsed, so a bad combination fails before TensorFlow starts.
 _CHECKED = ["train_steps", "eval_every", "eval_batches", "grad_accum_steps", "warmup_steps",
             "lr_decay_steps", "learning_rate", "min_lr_ratio", "clip_norm", "dropout",
-            "recompute", "tokenizer"]
+            "recompute", "tokenizer", "temperature", "top_k", "sample_tokens"]
 
 
 def _valid(values) -> bool:
