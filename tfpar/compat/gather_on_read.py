@@ -15,7 +15,7 @@ optimizer's update, the gradient tape's sources, checkpoints) the variable
 is read as it is stored, so each device keeps only its shard of the weight
 and of its optimizer state.
 
-Measured (tests/test_keras_hub.py): keras-hub Llama and Qwen with their own
+Measured (tests/keras_hub_table.py): keras-hub Llama and Qwen with their own
 `get_layout_map` on a 2x2 mesh train within 1e-5 of one device; without
 this patch the first step fails with the error above.
 """

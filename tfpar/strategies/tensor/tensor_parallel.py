@@ -286,7 +286,8 @@ class TensorParallel(StrategyBase):
         _warn_if_jit(model)
         if model.optimizer is not None:
             use_dense_gradients(model.optimizer)
-        compiled = tf.function(step_function, reduce_retracing=True)
+        # No autograph, as Keras's own step functions (do_not_convert).
+        compiled = tf.function(step_function, reduce_retracing=True, autograph=False)
 
         def run_batch(data):
             with self.scope():
@@ -297,7 +298,7 @@ class TensorParallel(StrategyBase):
 
     def _make_predict_function(self, model):
         _warn_if_jit(model)
-        compiled = tf.function(model.predict_step, reduce_retracing=True)
+        compiled = tf.function(model.predict_step, reduce_retracing=True, autograph=False)
 
         def function(data):
             outputs = []
