@@ -67,6 +67,24 @@ class BPETokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
 
+    @property
+    def digest(self) -> str:
+        """A short hash of the tokenizer file: cached token ids are keyed by it."""
+        with open(self.path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:12]
+
+    def encode_documents(self, texts: Iterable[str], chunk: int = 64) -> list[np.ndarray]:
+        """Every text's ids, encoded in batches on the library's own threads."""
+        out, batch = [], []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == chunk:
+                out += [np.asarray(e.ids, np.int32) for e in self._tokenizer.encode_batch(batch)]
+                batch = []
+        if batch:
+            out += [np.asarray(e.ids, np.int32) for e in self._tokenizer.encode_batch(batch)]
+        return out
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes that each id stands for (for bits per byte)."""
         from tokenizers.pre_tokenizers import ByteLevel
@@ -95,7 +113,8 @@ def parse_vocab(spec: str) -> int:
 
 
 @contextlib.contextmanager
-def _lock(directory: str):
+def cache_lock(directory: str):
+    """Serializes writing cached tokenizers and token ids between processes."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, ".tfpar-tokenizer.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -114,7 +133,7 @@ def trained(vocab_size: int, texts: Callable[[], Iterable[str]], path: str) -> B
     """
     if os.path.exists(path):
         return BPETokenizer(path)
-    with _lock(os.path.dirname(os.path.abspath(path))):
+    with cache_lock(os.path.dirname(os.path.abspath(path))):
         if not os.path.exists(path):
             from tokenizers import Tokenizer as HFTokenizer
             from tokenizers import decoders, models, pre_tokenizers, trainers

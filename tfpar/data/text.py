@@ -98,7 +98,7 @@ class ByteTokenizer:
         return np.ones(256, np.int64)
 
 
-def load_tokenizer(spec: str, corpus: "TokenizerCorpus | None" = None) -> Tokenizer:
+def load_tokenizer(spec: str, corpus: TokenizerCorpus | None = None) -> Tokenizer:
     """The tokenizer `spec` names.
 
     - "bytes": UTF-8 bytes (256 ids);
@@ -251,6 +251,42 @@ def file_documents(files: str | Sequence[str]) -> tf.data.Dataset:
 
 
 # ------------------------------------------------------------------ windows
+def pretokenized_windows(corpus: TokenizerCorpus, tokenizer: bpe.BPETokenizer, seq_len: int,
+                         shuffle_documents: bool = False,
+                         seed: int | None = None) -> tf.data.Dataset:
+    """(inputs, targets) windows of `corpus`, from token ids computed once and cached.
+
+    Encoding with a BPE in the input pipeline would run Python for every
+    document of every epoch and of every worker, and hold up the first batch
+    while the shuffle buffer fills (about 30 s for the default corpus on 2
+    cores). Instead the corpus is encoded once (batches of documents on the
+    tokenizer's own threads), stored next to the tokenizer
+    (`<key>-tokens-<tokenizer digest>.npz`: the ids and each document's
+    offset) under the same lock, and every run reads the array. Documents are
+    shuffled once by `seed` (as `lm_windows` does), concatenated and cut into
+    windows of `seq_len + 1` tokens; the last partial window is dropped.
+    """
+    path = os.path.join(corpus.cache_dir, f"{corpus.key}-tokens-{tokenizer.digest}.npz")
+    if not os.path.exists(path):
+        with bpe.cache_lock(corpus.cache_dir):
+            if not os.path.exists(path):
+                documents = tokenizer.encode_documents(corpus.texts())
+                offsets = np.cumsum([0] + [len(d) for d in documents])
+                temporary = f"{path}.tmp{os.getpid()}.npz"
+                np.savez(temporary, ids=np.concatenate(documents or [np.zeros(0, np.int32)]),
+                         offsets=offsets)
+                os.replace(temporary, path)
+    with np.load(path) as cached:
+        ids, offsets = cached["ids"], cached["offsets"]
+    order = np.arange(len(offsets) - 1)
+    if shuffle_documents:
+        order = np.random.RandomState(seed).permutation(order)
+    stream = np.concatenate([ids[offsets[i]:offsets[i + 1]] for i in order] or [ids[:0]])
+    width = seq_len + 1
+    windows = stream[: len(stream) // width * width].reshape(-1, width)
+    return tf.data.Dataset.from_tensor_slices(windows).map(lambda w: (w[:-1], w[1:]))
+
+
 def lm_windows(documents: tf.data.Dataset, tokenizer: Tokenizer, seq_len: int,
                shuffle_documents: bool = False, seed: int | None = None) -> tf.data.Dataset:
     """(inputs, targets) pairs of `seq_len` tokens, packed across documents.

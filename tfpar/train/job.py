@@ -63,18 +63,19 @@ _RESUME_KEYS = ("model_config", "global_batch_size", "grad_accum_steps", "eval_e
 
 
 # ---------------------------------------------------------------------- data
+def _corpus(config: TrainConfig, split: str | None = None) -> text.TokenizerCorpus:
+    """The run's text as a TokenizerCorpus: --text_files, or a TFDS split."""
+    if config.text_files:
+        cache = os.path.join(config.data_dir or default_data_dir(), "tfpar_tokenizers")
+        return text.TokenizerCorpus.of_files(config.text_files, cache)
+    return text.TokenizerCorpus.of_tfds(config.dataset, split or config.train_split,
+                                        config.data_dir, config.text_key, config.download)
+
+
 def load_tokenizer(config: TrainConfig):
     """The run's tokenizer; `bpe:V` is trained on the run's training text at
     first use and cached next to the prepared data (`tfpar.data.bpe`)."""
-    corpus = None
-    if config.tokenizer.startswith(bpe.PREFIX):
-        if config.text_files:
-            cache = os.path.join(config.data_dir or default_data_dir(), "tfpar_tokenizers")
-            corpus = text.TokenizerCorpus.of_files(config.text_files, cache)
-        else:
-            corpus = text.TokenizerCorpus.of_tfds(config.dataset, config.train_split,
-                                                  config.data_dir, config.text_key,
-                                                  config.download)
+    corpus = _corpus(config) if config.tokenizer.startswith(bpe.PREFIX) else None
     return text.load_tokenizer(config.tokenizer, corpus)
 
 
@@ -95,6 +96,8 @@ def bits_per_byte(nats_per_token: float, bytes_per_token_: float) -> float:
 
 def text_windows(config: TrainConfig, tokenizer, seq_len: int):
     """(training windows, validation windows, a description of the source)."""
+    if isinstance(tokenizer, bpe.BPETokenizer):
+        return _pretokenized_windows(config, tokenizer, seq_len)
     if config.text_files:
         # One sequence of windows, shuffled by document once with a fixed
         # seed, from which every 20th window is held out.
@@ -112,6 +115,22 @@ def text_windows(config: TrainConfig, tokenizer, seq_len: int):
         return train, val, f"TFDS {config.dataset} ({config.train_split} / {config.eval_split})"
     log.info("tfpar train: %s has no %r split; holding out 1 in %d training windows.",
              config.dataset, config.eval_split, text.VALIDATION_EVERY)
+    return (text.hold_out(train, validation=False), text.hold_out(train, validation=True),
+            f"TFDS {config.dataset} ({config.train_split}, 1 in {text.VALIDATION_EVERY} held out)")
+
+
+def _pretokenized_windows(config: TrainConfig, tokenizer, seq_len: int):
+    """text_windows for a BPE: the same splits, from token ids encoded once and cached."""
+    if config.text_files:
+        windows = text.pretokenized_windows(_corpus(config), tokenizer, seq_len,
+                                            shuffle_documents=True, seed=config.seed)
+        return (text.hold_out(windows, validation=False), text.hold_out(windows, validation=True),
+                f"files {config.text_files}")
+    train = text.pretokenized_windows(_corpus(config), tokenizer, seq_len,
+                                      shuffle_documents=True, seed=config.seed)
+    if text.has_split(config.dataset, config.eval_split, config.data_dir):
+        val = text.pretokenized_windows(_corpus(config, config.eval_split), tokenizer, seq_len)
+        return train, val, f"TFDS {config.dataset} ({config.train_split} / {config.eval_split})"
     return (text.hold_out(train, validation=False), text.hold_out(train, validation=True),
             f"TFDS {config.dataset} ({config.train_split}, 1 in {text.VALIDATION_EVERY} held out)")
 
