@@ -2,7 +2,8 @@
 
 `shapes` (GPTConfig, the presets, parameter and FLOP counts) is pure Python; `transformer`
 (`gpt()`, its layers, `lm_loss()`) builds the Keras model and loads
-TensorFlow on first use.
+TensorFlow on first use. `hub` builds keras-hub families (Llama, Gemma, Qwen,
+GPT-2) as causal LMs for `tfpar train --model=keras_hub:<family>`.
 """
 
 import importlib
@@ -11,10 +12,14 @@ _LAZY = {"GPTConfig": "shapes", "SIZES": "shapes", "config": "shapes",
          "PositionEmbedding": "transformer", "TransformerBlock": "transformer",
          "gpt": "transformer", "lm_loss": "transformer"}
 
+_SUBMODULES = ("hub", "shapes", "transformer", "flags")
+
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tfpar.models.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(f"tfpar.models.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'tfpar.models' has no attribute {name!r}")
