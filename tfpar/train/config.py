@@ -105,14 +105,15 @@ class TrainConfig:
                     f"{', '.join(hub.PREFIX + f for f in hub.FAMILIES)}.")
             return
         try:
-            self.model_config(VOCAB_MULTIPLE)  # the family, keras-hub, the shape
+            self.model_config(VOCAB_MULTIPLE)  # the family and the shape
+            if self.recompute != "none":
+                raise TrainConfigError(
+                    f"--recompute={self.recompute}: tfpar recomputes the reference GPT's own "
+                    f"blocks; {self.model} runs keras-hub's layers as they are: use "
+                    "--recompute=none with it.")
+            hub.family_of(self.model)  # keras-hub installed (found, not imported)
         except hub.HubModelError as e:
             raise TrainConfigError(str(e)) from None
-        if self.recompute != "none":
-            raise TrainConfigError(
-                f"--recompute={self.recompute}: tfpar recomputes the reference GPT's own "
-                f"blocks; {self.model} runs keras-hub's layers as they are: use "
-                "--recompute=none with it.")
 
     def _overrides(self) -> dict:
         return {k: getattr(self, k) for k in ("layers", "hidden", "heads", "seq_len")
@@ -133,6 +134,5 @@ class TrainConfig:
         default shape overridden by the shape flags (`tfpar.models.hub.HubConfig`)."""
         if not hub.is_hub(self.model):
             return self.gpt_config(vocab_size)
-        hub.family_of(self.model)  # installed?
         return hub.config(self.model, vocab=self.padded_vocab(vocab_size), dropout=self.dropout,
                           **self._overrides())
