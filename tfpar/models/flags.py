@@ -25,7 +25,7 @@ import dataclasses
 from absl import flags
 
 from tfpar.flags import flag_group
-from tfpar.models import hub
+from tfpar.models import shapes
 from tfpar.models.shapes import SIZES, GPTConfig
 
 SHAPE_FLAGS = ("layers", "hidden", "heads", "vocab", "seq_len")
@@ -44,7 +44,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("model", None,
                         f"GPT size preset: {', '.join(SIZES)} (train default: tiny); or, for "
                         "tfpar train, a keras-hub model with random weights: "
-                        f"{', '.join(hub.PREFIX + f for f in hub.FAMILIES)} (needs keras-hub). "
+                        f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)} (needs keras-hub). "
                         "The shape flags override its dimensions.", flag_values=fv)
     for name in SHAPE_FLAGS:
         flags.DEFINE_integer(name, None, _SHAPE_HELP[name], flag_values=fv)
@@ -53,16 +53,16 @@ def define_model_flags(fv: flags.FlagValues) -> None:
 
 
 def _known_model(value) -> bool:
-    if hub.is_hub(value):
+    if shapes.is_hub(value):
         try:
-            hub.family_of(value, check_installed=False)  # tfpar train checks the install
-        except hub.HubModelError as e:
+            shapes.hub_family(value, check_installed=False)  # tfpar train checks the install
+        except shapes.HubModelError as e:
             raise flags.ValidationError(str(e)) from e
     elif value is not None and value not in SIZES:
         raise flags.ValidationError(
             f"--model={value}: use one of {', '.join(SIZES)}, or give --layers/--hidden/"
             f"--heads/--vocab/--seq_len (tfpar train also takes "
-            f"{', '.join(hub.PREFIX + f for f in hub.FAMILIES)}).")
+            f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)}).")
     return True
 
 
@@ -83,7 +83,7 @@ def config_from_flags(default: str | None = None, flag_values: flags.FlagValues 
     """
     f = flag_values
     name = f.model or default
-    if hub.is_hub(name):
+    if shapes.is_hub(name):
         raise ValueError(f"--model={name}: a keras-hub model has no GPT shape to reason "
                          f"about here; give a GPT preset ({', '.join(SIZES)}) or --layers/"
                          "--hidden/--heads/--vocab/--seq_len.")

@@ -19,7 +19,7 @@ from tfpar import recompute
 
 from tfpar import flags as tfpar_flags
 from tfpar.models import flags as model_flags
-from tfpar.models import hub
+from tfpar.models import shapes
 from tfpar.plan.cost import ACCELERATORS, Hardware, Workload
 
 FORMATS = ("table", "json")
@@ -72,7 +72,7 @@ def define_plan_flags(fv: flags.FlagValues) -> None:
 
 
 def _gpt_only(value) -> bool:
-    if hub.is_hub(value):
+    if shapes.is_hub(value):
         raise flags.ValidationError(
             f"--model={value}: tfpar plan plans the reference GPT's shapes; give a GPT preset "
             "(--model=gpt2-small ...) or --layers/--hidden/--heads/--vocab/--seq_len.")

@@ -11,7 +11,7 @@ import os
 
 from tfpar import recompute
 from tfpar.data import bpe
-from tfpar.models import hub
+from tfpar.models import shapes
 from tfpar.models.shapes import SIZES, GPTConfig, config as gpt_shape
 
 # Vocabularies are padded to a multiple of this (Megatron's practice): a
@@ -98,11 +98,11 @@ class TrainConfig:
              "tokenizer.json (a tfpar train output dir has one), or bpe:VOCAB to train one.")
 
     def _check_model(self):
-        if not hub.is_hub(self.model):
+        if not shapes.is_hub(self.model):
             if self.model not in SIZES:
                 raise TrainConfigError(
                     f"--model={self.model}: use one of {', '.join(SIZES)}, or "
-                    f"{', '.join(hub.PREFIX + f for f in hub.FAMILIES)}.")
+                    f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)}.")
             return
         try:
             self.model_config(VOCAB_MULTIPLE)  # the family and the shape
@@ -111,8 +111,8 @@ class TrainConfig:
                     f"--recompute={self.recompute}: tfpar recomputes the reference GPT's own "
                     f"blocks; {self.model} runs keras-hub's layers as they are: use "
                     "--recompute=none with it.")
-            hub.family_of(self.model)  # keras-hub installed (found, not imported)
-        except hub.HubModelError as e:
+            shapes.hub_family(self.model)  # keras-hub installed (found, not imported)
+        except shapes.HubModelError as e:
             raise TrainConfigError(str(e)) from None
 
     def _overrides(self) -> dict:
@@ -129,10 +129,10 @@ class TrainConfig:
         return dataclasses.replace(base, vocab=self.padded_vocab(vocab_size),
                                    dropout=self.dropout, **self._overrides())
 
-    def model_config(self, vocab_size: int) -> GPTConfig | hub.HubConfig:
+    def model_config(self, vocab_size: int) -> GPTConfig | shapes.HubConfig:
         """The model's shape: `gpt_config`, or for `keras_hub:<family>` the family's
-        default shape overridden by the shape flags (`tfpar.models.hub.HubConfig`)."""
-        if not hub.is_hub(self.model):
+        default shape overridden by the shape flags (`tfpar.models.shapes.HubConfig`)."""
+        if not shapes.is_hub(self.model):
             return self.gpt_config(vocab_size)
-        return hub.config(self.model, vocab=self.padded_vocab(vocab_size), dropout=self.dropout,
+        return shapes.hub_config(self.model, vocab=self.padded_vocab(vocab_size), dropout=self.dropout,
                           **self._overrides())
