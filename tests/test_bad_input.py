@@ -70,7 +70,7 @@ class Cli:
     at_parse: refused while parsing, before the command runs or TensorFlow
     starts. setup(tmp): files the case starts from (which must survive).
     fresh: run as a `tfpar` process. stdout: the command may print its
-    documented output.
+    documented output. without: modules the case runs as if not installed.
     """
 
     args: str
@@ -82,6 +82,7 @@ class Cli:
     setup: Callable[[Path], None] | None = None
     fresh: bool = False
     stdout: bool = False
+    without: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:
@@ -229,6 +230,15 @@ CLI_CASES = {
     # ------------------------------------------------------ tfpar train
     "model unknown": Cli("train --model=gpt5", "--model=gpt5", "use one of tiny"),
     "layers zero": Cli("train --layers=0", "--layers=0", ">= 1"),
+    "keras-hub family unknown": Cli("train --model=keras_hub:bert", "--model=keras_hub:bert",
+                                    "use one of keras_hub:gpt2, keras_hub:llama"),
+    "keras-hub not installed": Cli("train --model=keras_hub:llama", "--model=keras_hub:llama",
+                                   "pip install -e '.[cpu,hub]' && pip install --no-deps "
+                                   "'keras-hub==0.32.*'", without=("keras_hub",)),
+    "keras-hub model recomputed": Cli("train --model=keras_hub:llama --recompute=full",
+                                      "--recompute=full", "use --recompute=none"),
+    "keras-hub heads do not divide": Cli("train --model=keras_hub:gemma --hidden=30 --heads=4",
+                                         "--hidden=30", "hidden / heads"),
     "train steps not a number": Cli("train --train_steps=1e3", "'1e3'", "int"),
     "train steps zero": Cli("train --train_steps=0", "--train_steps=0", ">= 1"),
     "train steps not a multiple": Cli("train --train_steps=50 --eval_every=20",
@@ -320,6 +330,8 @@ CLI_CASES = {
     "plan accelerator unknown": Cli(PLAN + " --accelerator=tpu-v9", "--accelerator=tpu-v9",
                                     "a100-80gb"),
     "plan format unknown": Cli(PLAN + " --format=xml", "--format=xml", "table"),
+    "plan keras-hub model": Cli("plan --model=keras_hub:llama --devices=8 --global_batch_size=64",
+                                "--model=keras_hub:llama", "give a GPT preset"),
     "plan no shape": Cli("plan --devices=8 --global_batch_size=64 --layers=2", "--hidden",
                          "--model=", at_parse=False),
     "plan nothing fits": Cli("plan --model=gpt3-175b --devices=1 --global_batch_size=8",
@@ -548,6 +560,8 @@ def test_a_bad_command_line_gives_one_line_and_writes_nothing(name, case_dir, ca
     case = CLI_CASES[name]
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
+    for module in case.without:
+        monkeypatch.setitem(sys.modules, module, None)  # find_spec and import: not installed
     if case.setup:
         case.setup(case_dir)
     if case.at_parse:

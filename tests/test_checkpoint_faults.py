@@ -78,7 +78,7 @@ def test_tfpar_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_last_che
     config = TrainConfig(layers=1, seq_len=32, data_dir=data_dir)
     shape = config.gpt_config(256)
     strategy = tfpar.OneDevice()
-    model = job._compiled_gpt(config, shape, strategy)
+    model = job._compiled_model(config, shape, strategy)
     with strategy.scope():
         model.optimizer.build(model.trainable_variables)
     size = len(weights_h5_bytes(model))

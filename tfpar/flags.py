@@ -187,7 +187,9 @@ STRATEGY_FLAGS = {
         "the N devices."),
     "layouts": (flags.DEFINE_string, "megatron",
         "tensor: how weights are split: 'megatron' (column/row-parallel MLP, attention "
-        "by heads, vocabulary-split embedding) or 'replicated'."),
+        "by heads, vocabulary-split embedding) or 'replicated'. tfpar train "
+        "--model=keras_hub:<family>: 'megatron' means the backbone's own get_layout_map "
+        "where keras-hub has one (Gemma, Llama, Qwen)."),
     "pipeline_stages": (flags.DEFINE_integer, 0,
         "pipeline: number of stages K, the same as --pp (0: one per local device, or as "
         "many as --split_points make). Cuts balance the stages' parameter counts."),

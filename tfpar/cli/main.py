@@ -1,7 +1,7 @@
 """`tfpar <command> [flags] [-- program ...]`.
 
 Commands (one module each, a thin layer over the library):
-  train       train the reference GPT on text (the embedded corpus by default)
+  train       train the reference GPT (or --model=keras_hub:llama ...) on text
   generate    sample text from the model a tfpar train run saved
   plan        recommend data/tensor/pipeline degrees for a model and a cluster
   info        devices, versions, the strategy and degrees the flags give, the cluster

@@ -1,4 +1,4 @@
-"""`tfpar train`: trains the reference GPT on text (`tfpar.train`)."""
+"""`tfpar train`: trains the reference GPT, or a keras-hub model, on text (`tfpar.train`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run(fv, program) -> int:
 
 COMMAND = Command(
     name="train",
-    summary="train the reference GPT on text (the embedded corpus by default)",
+    summary="train the reference GPT (or --model=keras_hub:llama ...) on text",
     usage="[--dp N] [--tp N] [--pp N] [--strategy NAME] [--model SIZE] [--dataset NAME | "
           "--text_files GLOB] [--train_steps N] [--output_dir DIR] ...",
     example="tfpar train --dp=2 --tp=2 --num_simulated_devices=4 --train_steps=200",

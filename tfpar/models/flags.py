@@ -5,6 +5,7 @@
     --model=gpt3-175b                       # a preset (tfpar.models.SIZES)
     --model=mini --layers=8 --seq_len=256   # a preset, changed
     --layers=24 --hidden=2048 --heads=16 --vocab=50304 --seq_len=2048
+    --model=keras_hub:llama --layers=4      # tfpar train: a keras-hub family (tfpar.models.hub)
 
 `define_model_flags(fv)` defines them on a FlagValues;
 `config_from_flags(flag_values=fv)` reads the shape once they are parsed::
@@ -24,6 +25,7 @@ import dataclasses
 from absl import flags
 
 from tfpar.flags import flag_group
+from tfpar.models import shapes
 from tfpar.models.shapes import SIZES, GPTConfig
 
 SHAPE_FLAGS = ("layers", "hidden", "heads", "vocab", "seq_len")
@@ -40,8 +42,10 @@ _SHAPE_HELP = {
 def define_model_flags(fv: flags.FlagValues) -> None:
     """--model and the shape flags (--layers, --hidden, --heads, --vocab, --seq_len)."""
     flags.DEFINE_string("model", None,
-                        f"GPT size preset: {', '.join(SIZES)} (train default: tiny). The shape "
-                        "flags override its dimensions.", flag_values=fv)
+                        f"GPT size preset: {', '.join(SIZES)} (train default: tiny); or, for "
+                        "tfpar train, a keras-hub model with random weights: "
+                        f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)} (needs keras-hub). "
+                        "The shape flags override its dimensions.", flag_values=fv)
     for name in SHAPE_FLAGS:
         flags.DEFINE_integer(name, None, _SHAPE_HELP[name], flag_values=fv)
     flags.register_validator("model", _known_model, flag_values=fv)
@@ -49,9 +53,16 @@ def define_model_flags(fv: flags.FlagValues) -> None:
 
 
 def _known_model(value) -> bool:
-    if value is not None and value not in SIZES:
-        raise flags.ValidationError(f"--model={value}: use one of {', '.join(SIZES)}, or "
-                                    "give --layers/--hidden/--heads/--vocab/--seq_len.")
+    if shapes.is_hub(value):
+        try:
+            shapes.hub_family(value, check_installed=False)  # tfpar train checks the install
+        except shapes.HubModelError as e:
+            raise flags.ValidationError(str(e)) from e
+    elif value is not None and value not in SIZES:
+        raise flags.ValidationError(
+            f"--model={value}: use one of {', '.join(SIZES)}, or give --layers/--hidden/"
+            f"--heads/--vocab/--seq_len (tfpar train also takes "
+            f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)}).")
     return True
 
 
@@ -72,6 +83,10 @@ def config_from_flags(default: str | None = None, flag_values: flags.FlagValues 
     """
     f = flag_values
     name = f.model or default
+    if shapes.is_hub(name):
+        raise ValueError(f"--model={name}: a keras-hub model has no GPT shape to reason "
+                         f"about here; give a GPT preset ({', '.join(SIZES)}) or --layers/"
+                         "--hidden/--heads/--vocab/--seq_len.")
     given = {n: f[n].value for n in SHAPE_FLAGS if f[n].value is not None}
     given.update(fixed)
     if name is None:

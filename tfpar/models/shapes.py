@@ -1,13 +1,17 @@
-"""The shapes of tfpar's reference GPT, and what follows from a shape alone.
+"""The shapes of tfpar's reference GPT, and what follows from a shape alone;
+and the shapes of the keras-hub families `tfpar train` also trains.
 
 Pure Python (no TensorFlow): `tfpar plan` reasons about GPT-3-sized models
-from these numbers without building anything. `tfpar.models.gpt(config)`
-builds the Keras model of a shape.
+from these numbers without building anything, and the flags of `tfpar train`
+check a `--model=keras_hub:<family>` without importing keras-hub.
+`tfpar.models.gpt(config)` builds the Keras model of a `GPTConfig`,
+`tfpar.models.hub.causal_lm(config)` that of a `HubConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,3 +114,107 @@ def config(size: str | GPTConfig) -> GPTConfig:
     if size not in SIZES:
         raise ValueError(f"GPT size {size!r}: use one of {list(SIZES)} or a GPTConfig.")
     return SIZES[size]
+
+
+# ------------------------------------------------------------ keras-hub families
+HUB_PREFIX = "keras_hub:"
+# Each family's backbone class in keras_hub.models (tfpar.models.hub builds them).
+HUB_BACKBONES = {"gpt2": "GPT2Backbone", "llama": "LlamaBackbone", "gemma": "GemmaBackbone",
+                 "qwen": "QwenBackbone"}
+HUB_INSTALL = "pip install -e '.[cpu,hub]' && pip install --no-deps 'keras-hub==0.32.*'"
+
+
+class HubModelError(ValueError):
+    """A `keras_hub:<family>` model that cannot be built; the message says why and the fix."""
+
+
+def is_hub(model) -> bool:
+    """Whether a --model value names a keras-hub family (`keras_hub:llama`)."""
+    return isinstance(model, str) and model.startswith(HUB_PREFIX)
+
+
+def hub_family(model: str, check_installed: bool = True) -> str:
+    """The family of `keras_hub:<family>` (or of a bare family name).
+
+    Raises HubModelError naming the value and the fix when the family is
+    unknown or, with `check_installed`, keras-hub is not installed (found with
+    `importlib.util.find_spec`, not imported).
+    """
+    family = model[len(HUB_PREFIX):] if is_hub(model) else model
+    if family not in HUB_BACKBONES:
+        raise HubModelError(
+            f"--model={model}: unknown keras-hub family {family!r}; use one of "
+            f"{', '.join(HUB_PREFIX + f for f in HUB_BACKBONES)}.")
+    if check_installed and importlib.util.find_spec("keras_hub") is None:
+        raise HubModelError(f"--model={model}: keras-hub is not installed; install it with "
+                            f"{HUB_INSTALL} (BUILD_NOTES.md, keras-hub).")
+    return family
+
+
+def hub_mlp_width(family: str, hidden: int) -> int:
+    """The MLP's inner width: GPT-2's 4 x hidden; the gated MLPs of Llama, Gemma
+    and Qwen 8/3 x hidden rounded up to a multiple of 64 (Llama's rule: the
+    parameters of an ungated 4 x hidden MLP)."""
+    if family == "gpt2":
+        return 4 * hidden
+    return -(-(8 * hidden) // (3 * 64)) * 64
+
+
+@dataclasses.dataclass(frozen=True)
+class HubConfig:
+    """The shape of a keras-hub causal LM (`tfpar.models.hub.causal_lm` builds it).
+
+    Attributes:
+      family: "gpt2", "llama", "gemma" or "qwen".
+      layers, hidden, heads: decoder blocks, width, attention heads (as many
+        key/value heads as query heads).
+      vocab: vocabulary size (the tokenizer's, padded to a multiple of 128 by
+        `TrainConfig`).
+      seq_len: the context the job trains on (GPT-2's position embeddings; the
+        RoPE families have no limit, the job still trains and samples at it).
+      intermediate: the MLP's inner width (default `hub_mlp_width`).
+      dropout: keras-hub's dropout rate in the blocks.
+
+    The defaults are a small model (2 x 64, 4 heads, context 64) that trains in
+    seconds on CPUs, for every family.
+    """
+
+    family: str
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    vocab: int = 256
+    seq_len: int = 64
+    intermediate: int = 0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        hub_family(self.family, check_installed=False)
+        for name in ("layers", "hidden", "heads", "vocab", "seq_len"):
+            if getattr(self, name) < 1:
+                raise HubModelError(f"--{name}={getattr(self, name)}: must be >= 1.")
+        if self.hidden % self.heads:
+            raise HubModelError(
+                f"--hidden={self.hidden} is not divisible by --heads={self.heads}; the head "
+                "size is hidden / heads.")
+        if not self.intermediate:
+            object.__setattr__(self, "intermediate", hub_mlp_width(self.family, self.hidden))
+
+    @property
+    def model(self) -> str:
+        """The --model value: keras_hub:<family>."""
+        return HUB_PREFIX + self.family
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def describe(self) -> str:
+        return (f"keras-hub {HUB_BACKBONES[self.family]} {self.layers} layers x {self.hidden} "
+                f"hidden x {self.heads} heads, MLP {self.intermediate}")
+
+
+def hub_config(model: str, **shape) -> HubConfig:
+    """The HubConfig of `keras_hub:<family>` (or a bare family name), `shape`
+    (layers, hidden, heads, vocab, seq_len, dropout) over the defaults."""
+    return HubConfig(family=hub_family(model, check_installed=False), **shape)

@@ -19,6 +19,7 @@ from tfpar import recompute
 
 from tfpar import flags as tfpar_flags
 from tfpar.models import flags as model_flags
+from tfpar.models import shapes
 from tfpar.plan.cost import ACCELERATORS, Hardware, Workload
 
 FORMATS = ("table", "json")
@@ -67,6 +68,15 @@ def define_plan_flags(fv: flags.FlagValues) -> None:
                  "inter_node_bandwidth"):
         flags.register_validator(name, _positive(name), flag_values=fv)
     flags.register_validator("efficiency", _fraction("efficiency"), flag_values=fv)
+    flags.register_validator("model", _gpt_only, flag_values=fv)
+
+
+def _gpt_only(value) -> bool:
+    if shapes.is_hub(value):
+        raise flags.ValidationError(
+            f"--model={value}: tfpar plan plans the reference GPT's shapes; give a GPT preset "
+            "(--model=gpt2-small ...) or --layers/--hidden/--heads/--vocab/--seq_len.")
+    return True
 
 
 def _at_least_one(name):

@@ -11,7 +11,8 @@ import os
 
 from tfpar import recompute
 from tfpar.data import bpe
-from tfpar.models.shapes import GPTConfig, config as gpt_shape
+from tfpar.models import shapes
+from tfpar.models.shapes import SIZES, GPTConfig, config as gpt_shape
 from tfpar.train.sample import SamplingError, check_sampling
 
 # Vocabularies are padded to a multiple of this (Megatron's practice): a
@@ -27,7 +28,7 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     """Everything `tfpar train` needs besides the strategy (see `tfpar train --help`)."""
 
-    model: str = "tiny"
+    model: str = "tiny"  # a GPT preset (tfpar.models.SIZES) or "keras_hub:<family>"
     layers: int | None = None
     hidden: int | None = None
     heads: int | None = None
@@ -92,6 +93,7 @@ class TrainConfig:
             check_sampling(self.temperature, self.top_k, top_p=1.0)
         except SamplingError as e:
             raise TrainConfigError(f"--{e}") from None
+        self._check_model()
         if self.tokenizer.startswith(bpe.PREFIX):
             try:
                 bpe.parse_vocab(self.tokenizer)
@@ -101,10 +103,42 @@ class TrainConfig:
              f"--tokenizer={self.tokenizer!r}: no such file; give the path of a saved "
              "tokenizer.json (a tfpar train output dir has one), or bpe:VOCAB to train one.")
 
+    def _check_model(self):
+        if not shapes.is_hub(self.model):
+            if self.model not in SIZES:
+                raise TrainConfigError(
+                    f"--model={self.model}: use one of {', '.join(SIZES)}, or "
+                    f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)}.")
+            return
+        try:
+            self.model_config(VOCAB_MULTIPLE)  # the family and the shape
+            if self.recompute != "none":
+                raise TrainConfigError(
+                    f"--recompute={self.recompute}: tfpar recomputes the reference GPT's own "
+                    f"blocks; {self.model} runs keras-hub's layers as they are: use "
+                    "--recompute=none with it.")
+            shapes.hub_family(self.model)  # keras-hub installed (found, not imported)
+        except shapes.HubModelError as e:
+            raise TrainConfigError(str(e)) from None
+
+    def _overrides(self) -> dict:
+        return {k: getattr(self, k) for k in ("layers", "hidden", "heads", "seq_len")
+                if getattr(self, k) is not None}
+
+    @staticmethod
+    def padded_vocab(vocab_size: int) -> int:
+        return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model's shape: the size preset, overridden by the shape flags."""
+        """The GPT's shape: the size preset, overridden by the shape flags."""
         base = gpt_shape(self.model)
-        overrides = {k: getattr(self, k) for k in ("layers", "hidden", "heads", "seq_len")
-                     if getattr(self, k) is not None}
-        vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        return dataclasses.replace(base, vocab=vocab, dropout=self.dropout, **overrides)
+        return dataclasses.replace(base, vocab=self.padded_vocab(vocab_size),
+                                   dropout=self.dropout, **self._overrides())
+
+    def model_config(self, vocab_size: int) -> GPTConfig | shapes.HubConfig:
+        """The model's shape: `gpt_config`, or for `keras_hub:<family>` the family's
+        default shape overridden by the shape flags (`tfpar.models.shapes.HubConfig`)."""
+        if not shapes.is_hub(self.model):
+            return self.gpt_config(vocab_size)
+        return shapes.hub_config(self.model, vocab=self.padded_vocab(vocab_size), dropout=self.dropout,
+                          **self._overrides())

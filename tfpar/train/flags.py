@@ -66,8 +66,9 @@ TRAIN_FLAGS = {
         "Global batches whose gradients are averaged into one optimizer step."),
     "dropout": (flags.DEFINE_float, "Dropout rate in the blocks."),
     "recompute": (tfpar_flags.enum_flag(recompute.MODES),
-        "Activation recomputation of each block: none, selective (the attention core) "
-        "or full (the whole block): less memory for about 1/3 more compute (full)."),
+        "Activation recomputation of each GPT block: none, selective (the attention core) "
+        "or full (the whole block): less memory for about 1/3 more compute (full). "
+        "keras-hub models (--model=keras_hub:...) take none."),
     "seed": (flags.DEFINE_integer, "Initialization and data order."),
     # Outputs.
     "output_dir": (flags.DEFINE_string,
@@ -93,12 +94,13 @@ _FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
 # parsed, so a bad combination fails before TensorFlow starts.
 _CHECKED = ["train_steps", "eval_every", "eval_batches", "grad_accum_steps", "warmup_steps",
             "lr_decay_steps", "learning_rate", "min_lr_ratio", "clip_norm", "dropout",
-            "recompute", "tokenizer", "temperature", "top_k", "sample_tokens"]
+            "recompute", "tokenizer", "temperature", "top_k", "sample_tokens", "model", "layers",
+            "hidden", "heads", "seq_len"]
 
 
 def _valid(values) -> bool:
     try:
-        TrainConfig(**values)
+        TrainConfig(**{**values, "model": values["model"] or DEFAULTS.model})
     except TrainConfigError as e:
         raise flags.ValidationError(str(e)) from e
     return True

@@ -1,10 +1,10 @@
-"""`tfpar train`: the reference GPT trained on real text, with any strategy.
+"""`tfpar train`: the reference GPT (or a keras-hub model) trained on real text, with any strategy.
 
 The job is the plain Keras pattern, with what LLM trainers add around it::
 
     strategy = tfpar.from_flags()                  # data | tensor | pipeline | multi_worker
     with strategy.scope():
-        model = tfpar.models.gpt(config)
+        model = tfpar.models.gpt(config)           # or a keras-hub causal LM (tfpar.models.hub)
         model.compile(AdamW(warm-up + cosine, weight decay, global clipping,
                             gradient accumulation), next-token loss)
     model.fit(text batches, callbacks=[checkpoint, throughput, TensorBoard])
@@ -31,6 +31,13 @@ and the space it needs, and the previous checkpoint stays the one to resume.
 
 Steps are optimizer steps. With `grad_accum_steps=k` each optimizer step
 averages the gradients of k global batches (Keras runs k batches per step).
+
+`--model=keras_hub:<family>` trains a keras-hub backbone (Llama, Gemma, Qwen,
+GPT-2) with random weights instead, through the same job: the model maps
+tokens to logits like the GPT (`tfpar.models.hub.causal_lm`). Under
+TensorParallel with the default `megatron` layouts it is laid out by the
+backbone's own `get_layout_map` where keras-hub has one (Gemma, Llama, Qwen;
+GPT-2 by the megatron preset, which knows keras-hub's layer names).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import tensorflow as tf
 import tfpar
 from tfpar.data import bpe, text
 from tfpar.data.corpus import default_data_dir
+from tfpar.models import hub
 from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 from tfpar.train.config import TrainConfig, TrainConfigError
 from tfpar.train.progress import Throughput
@@ -187,7 +195,7 @@ def run(config: TrainConfig, strategy) -> dict:
     # depend on the seed alone (op seeds combine with the global one).
     keras.utils.set_random_seed(config.seed)
     tokenizer = load_tokenizer(config)
-    shape = config.gpt_config(tokenizer.vocab_size)
+    shape = config.model_config(tokenizer.vocab_size)
     k = config.grad_accum_steps
     batch = tfpar.data.resolve_global_batch_size(strategy, config.global_batch_size)
     steps_per_epoch = config.eval_every * k  # Keras batches between evaluations
@@ -222,16 +230,21 @@ def run(config: TrainConfig, strategy) -> dict:
             "--global_batch_size or --seq_len, or more text.")
     val_bytes_per_token = bytes_per_token(val_windows, tokenizer, val_batches * batch)
 
-    model = _compiled_gpt(config, shape, strategy)
+    model = _compiled_model(config, shape, strategy)
 
     peak, peak_source = job_peak_flops(strategy, config.peak_tflops)
-    flops_per_token = shape.training_flops_per_token()
+    if isinstance(shape, hub.HubConfig):
+        parameters = model.count_params()
+        flops_per_token = hub.training_flops_per_token(shape, model)
+    else:
+        parameters, flops_per_token = shape.num_parameters, shape.training_flops_per_token()
     devices = device_count(strategy)
+    layouts = getattr(strategy, "layouts", None)
     if chief:
-        print(f"tfpar train: GPT {shape.layers} layers x {shape.hidden} hidden x {shape.heads} "
-              f"heads, {shape.num_parameters:,} parameters, vocabulary {shape.vocab} "
-              f"({config.tokenizer}), context {shape.seq_len}")
-        print(f"tfpar train: {strategy.kind} on {devices} device(s): {strategy.describe()}")
+        print(f"tfpar train: {_describe(shape)}, {parameters:,} parameters, vocabulary "
+              f"{shape.vocab} ({config.tokenizer}), context {shape.seq_len}")
+        print(f"tfpar train: {strategy.kind} on {devices} device(s): {strategy.describe()}"
+              + (f", layouts {layouts}" if layouts else ""))
         print(f"tfpar train: data {source}; global batch {batch} x {k} accumulated = "
               f"{batch * k * shape.seq_len:,} tokens per optimizer step; peak "
               f"{peak / 1e9:,.1f} GFLOP/s ({peak_source})", flush=True)
@@ -286,7 +299,8 @@ def run(config: TrainConfig, strategy) -> dict:
         "strategy": strategy.kind, "dims": strategy.dims.describe(), "devices": devices,
         "replicas": strategy.num_replicas_in_sync,
         "workers": strategy.num_workers, "strategy_details": strategy.describe(),
-        "model_config": dataclasses.asdict(shape), "parameters": shape.num_parameters,
+        "model": config.model, "model_config": dataclasses.asdict(shape),
+        "parameters": parameters, **({"layouts": layouts} if layouts else {}),
         "data": source, "tokenizer": config.tokenizer, "global_batch_size": batch,
         "grad_accum_steps": k, "tokens_per_step": batch * k * shape.seq_len,
         "steps": config.train_steps, "resumed_from_step": start_step,
@@ -343,12 +357,37 @@ def _resume_point(config, checkpoint, settings, state_path, steps_per_epoch):
     return state, epoch, (epoch * steps_per_epoch + in_epoch) // config.grad_accum_steps
 
 
-def _compiled_gpt(config, shape, strategy):
-    """The GPT, compiled with AdamW in the strategy's scope (the schedule counts
+def _describe(shape) -> str:
+    if isinstance(shape, hub.HubConfig):
+        return shape.describe()
+    return f"GPT {shape.layers} layers x {shape.hidden} hidden x {shape.heads} heads"
+
+
+def build_model(shape, recompute: str = "none") -> keras.Model:
+    """The Keras model of a shape (tokens -> logits): the reference GPT of a
+    `GPTConfig`, or the keras-hub causal LM of a `tfpar.models.hub.HubConfig`."""
+    if isinstance(shape, hub.HubConfig):
+        return hub.causal_lm(shape)
+    return tfpar.models.gpt(shape, recompute=recompute)
+
+
+def _use_hub_layouts(shape, strategy) -> None:
+    """A keras-hub model under TensorParallel's default (megatron) layouts is laid
+    out by its backbone's own `get_layout_map`, where keras-hub has one."""
+    if not (isinstance(shape, hub.HubConfig) and getattr(strategy, "layouts", None) == "megatron"):
+        return
+    own = hub.layout_map(shape, strategy.keras_mesh)
+    if own is not None:
+        strategy.use_layout_map(own, f"{hub.BACKBONES[shape.family]}.get_layout_map")
+
+
+def _compiled_model(config, shape, strategy):
+    """The model, compiled with AdamW in the strategy's scope (the schedule counts
     optimizer steps; clipping and accumulation follow the all-reduce)."""
     k = config.grad_accum_steps
+    _use_hub_layouts(shape, strategy)
     with strategy.scope():
-        model = tfpar.models.gpt(shape, recompute=config.recompute)
+        model = build_model(shape, recompute=config.recompute)
         optimizer = keras.optimizers.AdamW(
             WarmupCosine(config.learning_rate, config.warmup_steps,
                          config.lr_decay_steps or config.train_steps, config.min_lr_ratio,
@@ -356,8 +395,9 @@ def _compiled_gpt(config, shape, strategy):
             weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.95, epsilon=1e-8,
             global_clipnorm=config.clip_norm or None,
             gradient_accumulation_steps=k if k > 1 else None)
-        # Decay matrices and embeddings, not biases and LayerNorm scales (GPT-2/3).
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        # Decay matrices and embeddings, not biases and norm scales (GPT-2/3;
+        # keras-hub's RMSNorms name theirs "scale").
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "scale"])
         model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
     # Exact Adam on embeddings, and the same update under every strategy
     # (see tfpar.strategies.tensor.tensor_parallel.use_dense_gradients).
@@ -368,7 +408,7 @@ def _compiled_gpt(config, shape, strategy):
 def _write_outputs(config, shape, tokenizer, weights, state, summary) -> None:
     out = config.output_dir
     # Outside the strategy's scope: a plain single-device model.
-    plain = tfpar.models.gpt(shape)
+    plain = build_model(shape)
     plain.set_weights(weights)
     sample = generate(plain, tokenizer, config.sample_prompt, config.sample_tokens,
                       temperature=config.temperature, top_k=config.top_k,
@@ -380,7 +420,7 @@ def _write_outputs(config, shape, tokenizer, weights, state, summary) -> None:
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write(sample + "\n")
     plot_loss(os.path.join(out, "loss.png"), state["train_losses"], state["val_losses"],
-              f"GPT {summary['parameters']:,} params, {summary['strategy']} on "
+              f"{_describe(shape)}, {summary['parameters']:,} params, {summary['strategy']} on "
               f"{summary['devices']} device(s)")
     write_json(os.path.join(out, "summary.json"), summary)
     print(f"tfpar train: validation loss {summary['initial_val_loss']:.3f} -> "

@@ -5,7 +5,11 @@ A Sequential or functional model is a graph of operations (layers, and
 calls in topological order and may cut between two consecutive calls only
 where exactly one computed tensor crosses the cut (the hidden state the next
 stage receives), together with any of the model's inputs that later calls
-read (a padding mask): every stage passes those on. For the reference GPT::
+read (a padding mask): every stage passes those on. So are integer or boolean
+tensors made from the model's inputs alone by operations without weights (the
+all-ones padding mask `tfpar.models.hub` computes from the tokens): they carry
+no gradient, and the stage that computes one passes it on as if it were an
+input. For the reference GPT::
 
     tokens -> token_embedding ┐
     tokens -> position_embedding ┴ add | block_0 | block_1 | ... | ln_f | lm_head
@@ -200,14 +204,28 @@ def crossing(model) -> list[list]:
     return cuts
 
 
-def carried(model, position: int):
-    """What crosses cut `position`: the one hidden state, or [hidden state, *model inputs]."""
+def passed_on(model) -> set[int]:
+    """ids of the tensors every stage may pass on next to the hidden state: the
+    model's inputs, and the integer or boolean tensors computed from them alone
+    by operations without weights (a padding mask made from the token ids)."""
     graph = graph_of(model)
-    inputs = {id(t) for t in keras.tree.flatten(graph.inputs)}
+    found = {id(t) for t in keras.tree.flatten(graph.inputs)}
+    for node in calls(model):
+        if getattr(node.operation, "weights", None):
+            continue
+        if all(id(t) in found for t in node.arguments.keras_tensors):
+            found.update(id(t) for t in node.outputs
+                         if not keras.backend.is_float_dtype(t.dtype))
+    return found
+
+
+def carried(model, position: int):
+    """What crosses cut `position`: the one hidden state, or [hidden state, *passed on]."""
+    inputs = passed_on(model)
     tensors = crossing(model)[position]
     computed = [t for t in tensors if id(t) not in inputs]
-    passed_on = [t for t in tensors if id(t) in inputs]
-    return computed[0] if not passed_on else [computed[0], *passed_on]
+    passed = [t for t in tensors if id(t) in inputs]
+    return computed[0] if not passed else [computed[0], *passed]
 
 
 def _producer(tensor) -> str:
@@ -217,9 +235,8 @@ def _producer(tensor) -> str:
 
 def valid_cuts(model) -> list[int]:
     """Cut positions i (a stage ends after call i) crossed by exactly one computed
-    tensor (and any model inputs, which the stages pass on)."""
-    graph = graph_of(model)
-    inputs = {id(t) for t in keras.tree.flatten(graph.inputs)}
+    tensor (and any model inputs, which the stages pass on: `passed_on`)."""
+    inputs = passed_on(model)
     return [i for i, tensors in enumerate(crossing(model))
             if sum(id(t) not in inputs for t in tensors) == 1]
 
@@ -291,8 +308,7 @@ def _unique(ops) -> list:
 
 
 def _why_not(model, name, position, names, cuts) -> str:
-    graph = graph_of(model)
-    inputs = {id(t) for t in keras.tree.flatten(graph.inputs)}
+    inputs = passed_on(model)
     tensors = [t for t in crossing(model)[position] if id(t) not in inputs]
     described = [f"the output of {_producer(t)!r}" for t in tensors]
     nearest = [names[c + 1] for c in cuts]

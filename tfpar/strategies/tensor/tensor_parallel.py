@@ -65,6 +65,8 @@ class TensorParallel(StrategyBase):
     Attributes:
       mesh: the `dtensor.Mesh`.
       num_replicas_in_sync: the batch-axis size (a global batch must divide by it).
+      layouts: the preset the layout map came from ("megatron", "replicated"),
+        or "custom" for a LayoutMap given in code.
     """
 
     kind = "tensor"
@@ -89,6 +91,7 @@ class TensorParallel(StrategyBase):
         # A preset covers many layer types, most of which a model lacks; only a
         # LayoutMap written for this model is checked for keys that match nothing.
         self._check_unmatched = not isinstance(layout_map, str)
+        self.layouts = layout_map if isinstance(layout_map, str) else "custom"
         if isinstance(layout_map, str):
             layout_map = layouts.preset(layout_map, self.keras_mesh)
         if not isinstance(layout_map, keras.distribution.LayoutMap):
@@ -184,6 +187,18 @@ class TensorParallel(StrategyBase):
             )
 
     # ------------------------------------------------------------- variables
+    def use_layout_map(self, layout_map: keras.distribution.LayoutMap, name: str = "custom"):
+        """Lays out the variables still to be created with `layout_map` (written for
+        `self.keras_mesh`), e.g. a keras-hub backbone's `get_layout_map`, once
+        the model is known. Raises LayoutError once variables exist on the mesh."""
+        if self.variables:
+            raise layouts.LayoutError(
+                f"TensorParallel: {len(self.variables)} variables already live on the mesh "
+                f"with the {self.layouts!r} layouts; give the layout map {name!r} before "
+                "building the model (or to TensorParallel(mesh, layout_map)).")
+        self.layout_map, self.layouts = layout_map, name
+        self._check_unmatched, self._matched = True, set()
+
     def layout_for(self, path: str, shape) -> dtensor.Layout:
         """The DTensor layout of the variable at `path` (validated)."""
         keys = layouts.matching_keys(self.layout_map, path)
