@@ -9,6 +9,7 @@
 """
 
 import ast
+import logging
 import sys
 import importlib
 from pathlib import Path
@@ -219,6 +220,8 @@ def test_on_a_newer_keras_mechanisms_are_still_installed_and_fixes_are_skipped(
     assert not any(p.verified_for(newer) for p in compat.PATCHES.values())
     monkeypatch.setattr(compat, "keras_version", lambda: newer)  # the name apply_keras_fixes uses
     monkeypatch.setattr(compat, "_warned", set())
+    # An in-process CLI test may have given the logger its own handler (tfpar.cli.logs).
+    monkeypatch.setattr(logging.getLogger("tfpar"), "propagate", True)
     compat.apply_keras_fixes()
     by_kind = {kind: {n for n, p in compat.PATCHES.items() if p.kind == kind}
                for kind in ("fix", "mechanism")}
