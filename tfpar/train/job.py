@@ -290,7 +290,10 @@ def run(config: TrainConfig, strategy) -> dict:
         # A full disk under --output_dir: one line, and the last checkpoint to resume from.
         raise TrainConfigError(str(e)) from None
 
-    final_val = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+    last_step, last_val = state["val_losses"][-1]
+    # The last epoch's validation ran on the final weights already.
+    final_val = last_val if last_step == config.train_steps else \
+        float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
     weights = model.get_weights()  # every worker: sharded weights gather collectively
     tokens = state["tokens"] + throughput.total_tokens
     seconds = state["seconds"] + throughput.total_seconds
