@@ -86,7 +86,8 @@ def test_tfpar_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_last_che
     # The checkpoint directory on a disk with room for one checkpoint, not two.
     small_disk(-(-int(size * 1.5) // 4096) * 4096 + 8192, out / "checkpoint")
 
-    result = tfpar_cli("train", "--layers=1", "--seq_len=32", "--global_batch_size=16",
+    result = tfpar_cli("train", "--model=tiny", "--tokenizer=bytes", "--layers=1",
+                       "--seq_len=32", "--global_batch_size=16",
                        "--train_steps=24", "--eval_every=6", "--eval_batches=2",
                        "--warmup_steps=2", "--sample_tokens=8", "--peak_tflops=1",
                        f"--data_dir={data_dir}", f"--output_dir={out}", timeout=180)

@@ -96,7 +96,8 @@ def test_sigterm_saves_an_agreed_step_exits_210_and_resumes_to_identical_weights
 # 24 optimizer steps of 16 windows of 32 bytes, validated and checkpointed
 # every 6, on a 1-block GPT (checkpoints are written in the background: the
 # default). Each run takes 15-35 s on 2 shared cores, mostly start-up and tracing.
-TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--layers=1", "--seq_len=32",
+TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--model=tiny", "--tokenizer=bytes",
+         "--layers=1", "--seq_len=32",
          "--global_batch_size=16", "--train_steps=24", "--eval_every=6", "--eval_batches=2",
          "--warmup_steps=2", "--lr_decay_steps=24", "--sample_tokens=8", "--peak_tflops=1"]
 STRATEGIES = {

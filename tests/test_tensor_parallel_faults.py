@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 # 1-block GPT; the schedule is fixed at 24 steps so that a first launch of
 # 12 steps is the first half of the same run.
 TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--strategy=tensor",
-         "--mesh=batch:2,model:2", "--num_simulated_devices=2", "--layers=1", "--seq_len=32",
+         "--mesh=batch:2,model:2", "--num_simulated_devices=2", "--model=tiny",
+         "--tokenizer=bytes", "--layers=1", "--seq_len=32",
          "--global_batch_size=16", "--eval_every=12", "--eval_batches=2", "--warmup_steps=2",
          "--lr_decay_steps=24", "--sample_tokens=8"]
 CHIEF_FILES = {"train_state.json", "summary.json", "model.keras", "sample.txt", "loss.png",

@@ -99,7 +99,8 @@ def data_dir(tmp_path_factory):
 def settings(data_dir, output_dir, **overrides):
     """A short run of a 1-block Llama: epochs of 4 optimizer steps of 16 windows of 32 bytes."""
     values = dict(model="keras_hub:llama", output_dir=str(output_dir), data_dir=data_dir,
-                  layers=1, seq_len=32, global_batch_size=16, train_steps=8, eval_every=4,
+                  tokenizer="bytes", layers=1, seq_len=32, global_batch_size=16,
+                  train_steps=8, eval_every=4,
                   eval_batches=2, warmup_steps=2, lr_decay_steps=12, sample_tokens=8)
     values.update(overrides)
     return TrainConfig(**values)
@@ -178,7 +179,7 @@ def test_under_tensor_parallel_the_backbones_own_layout_map_lays_it_out(data_dir
 
 
 # ------------------------------------------------------------------- the CLI
-SHORT = ["--model=keras_hub:llama", "--train_steps=20", "--eval_every=10", "--eval_batches=2",
+SHORT = ["--model=keras_hub:llama", "--tokenizer=bytes", "--train_steps=20", "--eval_every=10", "--eval_batches=2",
          "--global_batch_size=16", "--seq_len=32", "--warmup_steps=5", "--sample_tokens=20"]
 
 

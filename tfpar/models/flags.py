@@ -42,7 +42,7 @@ _SHAPE_HELP = {
 def define_model_flags(fv: flags.FlagValues) -> None:
     """--model and the shape flags (--layers, --hidden, --heads, --vocab, --seq_len)."""
     flags.DEFINE_string("model", None,
-                        f"GPT size preset: {', '.join(SIZES)} (train default: tiny); or, for "
+                        f"GPT size preset: {', '.join(SIZES)} (train default: demo); or, for "
                         "tfpar train, a keras-hub model with random weights: "
                         f"{', '.join(shapes.HUB_PREFIX + f for f in shapes.HUB_BACKBONES)} (needs keras-hub). "
                         "The shape flags override its dimensions.", flag_values=fv)

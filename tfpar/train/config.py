@@ -28,7 +28,7 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     """Everything `tfpar train` needs besides the strategy (see `tfpar train --help`)."""
 
-    model: str = "tiny"  # a GPT preset (tfpar.models.SIZES) or "keras_hub:<family>"
+    model: str = "demo"  # a GPT preset (tfpar.models.SIZES) or "keras_hub:<family>"
     layers: int | None = None
     hidden: int | None = None
     heads: int | None = None
@@ -42,13 +42,13 @@ class TrainConfig:
     train_split: str = "train"
     eval_split: str = "validation"
     download: bool = False
-    tokenizer: str = "bytes"
+    tokenizer: str = "bpe:4096"
     global_batch_size: int = 32
-    train_steps: int = 600
-    eval_every: int = 100
+    train_steps: int = 150
+    eval_every: int = 50
     eval_batches: int = 8
     learning_rate: float = 3e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     lr_decay_steps: int | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/gpt"
     async_checkpoint: bool = True
-    sample_tokens: int = 300
+    sample_tokens: int = 200
     sample_prompt: str = "def "
     temperature: float = 0.8
     top_k: int = 40
