@@ -164,6 +164,8 @@ def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
     assert {"epoch_loss", "epoch_tokens_per_second", "epoch_mfu",
             "epoch_bits_per_byte"} <= scalar_tags(  # validation: the val_ prefix dropped
         tmp_path / "tensorboard"), scalar_tags(tmp_path / "tensorboard")
+    import tfpar.models.transformer  # noqa: F401 - registers tfpar's layers for load_model
+
     model = keras.saving.load_model(str(tmp_path / "model.keras"))
     assert model.predict(np.zeros((1, 32), "int32"), verbose=0).shape == (1, 32, 4096)
     state = json.loads((tmp_path / "train_state.json").read_text())
