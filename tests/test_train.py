@@ -160,7 +160,7 @@ def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
         summary["final_val_loss"] / np.log(2) / summary["val_bytes_per_token"])
     assert summary["tokenizer"] == "bpe:4096" and (tmp_path / "tokenizer.json").exists()
     assert is_png(tmp_path / "loss.png")
-    assert (tmp_path / "sample.txt").read_text().startswith("def ")
+    assert (tmp_path / "sample.txt").read_text().startswith("def")
     assert {"epoch_loss", "epoch_tokens_per_second", "epoch_mfu",
             "epoch_bits_per_byte"} <= scalar_tags(  # validation: the val_ prefix dropped
         tmp_path / "tensorboard"), scalar_tags(tmp_path / "tensorboard")

@@ -1,7 +1,7 @@
 """`tfpar generate`: text from the model a `tfpar train` run saved (`tfpar.train.sample`).
 
     $ tfpar train --output_dir=runs/gpt --train_steps=200
-    $ tfpar generate --output_dir=runs/gpt --prompt="def " --max_new_tokens=200 --top_p=0.95
+    $ tfpar generate --output_dir=runs/gpt --prompt=def --max_new_tokens=200 --top_p=0.95
     def ...
     tfpar generate: 200 tokens in 0.6 s (330 tokens/s), model 137,216 parameters, tokenizer bytes
 
@@ -28,7 +28,7 @@ GENERATE_FLAGS = {
     "output_dir": (flags.DEFINE_string, "runs/gpt",
                    "The output dir of a finished tfpar train run: its model.keras, and its "
                    "tokenizer.json or the tokenizer its summary.json names."),
-    "prompt": (flags.DEFINE_string, "def ", "The text to continue."),
+    "prompt": (flags.DEFINE_string, "def", "The text to continue."),
     "max_new_tokens": (flags.DEFINE_integer, 200, "Tokens to generate after the prompt."),
     "temperature": (flags.DEFINE_float, 0.8,
                     "Divides the logits: 1 samples the model's distribution, lower is more "
@@ -111,7 +111,7 @@ COMMAND = Command(
     summary="sample text from the model a tfpar train run saved",
     usage="[--output_dir DIR] [--prompt TEXT] [--max_new_tokens N] [--temperature T] "
           "[--top_k K] [--top_p P] [--seed S] [--num_samples N] [--tokenizer SPEC]",
-    example='tfpar generate --output_dir=runs/gpt --prompt="def " --max_new_tokens=200 '
+    example='tfpar generate --output_dir=runs/gpt --prompt=def --max_new_tokens=200 '
             "--top_p=0.95",
     groups=(("generate", define_generate_flags),),
     run=run,

@@ -44,8 +44,8 @@ class TrainConfig:
     download: bool = False
     tokenizer: str = "bpe:4096"
     global_batch_size: int = 32
-    train_steps: int = 150
-    eval_every: int = 50
+    train_steps: int = 130
+    eval_every: int = 65
     eval_batches: int = 8
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -58,7 +58,7 @@ class TrainConfig:
     output_dir: str = "runs/gpt"
     async_checkpoint: bool = True
     sample_tokens: int = 200
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"  # BPE tokens carry their leading space: " name("
     temperature: float = 0.8
     top_k: int = 40
     peak_tflops: float | None = None
