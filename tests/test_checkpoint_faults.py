@@ -75,7 +75,7 @@ def test_tfpar_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_last_che
         tmp_path, small_disk):
     data_dir = str(tmp_path / "tfds")
     corpus.prepare(corpus.DEFAULT_DATASET, data_dir)
-    config = TrainConfig(layers=1, seq_len=32, data_dir=data_dir)
+    config = TrainConfig(model="tiny", tokenizer="bytes", layers=1, seq_len=32, data_dir=data_dir)
     shape = config.gpt_config(256)
     strategy = tfpar.OneDevice()
     model = job._compiled_model(config, shape, strategy)

@@ -145,7 +145,7 @@ def test_model_keras_is_the_trained_model_and_gives_the_final_validation_loss(tw
     model.compile(loss=tfpar.models.lm_loss())
     loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
     assert abs(loss - summary["final_val_loss"]) < 1e-4, (loss, summary["final_val_loss"])
-    assert (out / "sample.txt").read_text().startswith("def ")
+    assert (out / "sample.txt").read_text().startswith("def")
 
 
 def test_a_rerun_with_more_steps_resumes_from_the_checkpoint(two_epochs, data_dir,

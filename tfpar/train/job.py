@@ -194,8 +194,11 @@ def run(config: TrainConfig, strategy) -> dict:
     # Before any dataset or variable: the data order and the initial weights
     # depend on the seed alone (op seeds combine with the global one).
     keras.utils.set_random_seed(config.seed)
-    tokenizer = load_tokenizer(config)
-    shape = config.model_config(tokenizer.vocab_size)
+    # A `bpe:V` tokenizer's size is in its spec: the checkpoint is checked
+    # against the model's shape before the corpus and tokenizer are prepared.
+    tokenizer = None if config.tokenizer.startswith(bpe.PREFIX) else load_tokenizer(config)
+    vocab_size = bpe.parse_vocab(config.tokenizer) if tokenizer is None else tokenizer.vocab_size
+    shape = config.model_config(vocab_size)
     k = config.grad_accum_steps
     batch = tfpar.data.resolve_global_batch_size(strategy, config.global_batch_size)
     steps_per_epoch = config.eval_every * k  # Keras batches between evaluations
@@ -208,6 +211,7 @@ def run(config: TrainConfig, strategy) -> dict:
         async_save=config.async_checkpoint)
     state, epoch, start_step = _resume_point(config, checkpoint, settings, state_path,
                                              steps_per_epoch)
+    tokenizer = tokenizer or load_tokenizer(config)
 
     # A checkpoint or text that cannot be read fails before output_dir is made.
     train_windows, val_windows, source = text_windows(config, tokenizer, shape.seq_len)
