@@ -187,7 +187,10 @@ CLI_CASES = {
     "dp not a number": Cli("train --dp=two", "'two'", "int"),
     "dp zero": Cli("train --dp=0", "--dp=0", ">= 1"),
     "tp negative": Cli("info --tp=-2", "--tp=-2", ">= 1"),
-    "fsdp unsupported": Cli("train --fsdp=2", "fsdp=2", "use --dp"),
+    "hsdp unsupported": Cli("train --fsdp=2 --dp=2", "dp=2 x fsdp=2", "--fsdp=4"),
+    "fsdp x pp unsupported": Cli("info --fsdp=2 --pp=2", "fsdp=2, pp=2", "--pp with --dp"),
+    "zero stage unknown": Cli("train --fsdp=2 --zero_stage=4", "--zero_stage=4", "2 (+ gradients)"),
+    "zero stage without fsdp": Cli("info --zero_stage=2", "--zero_stage=2", "add --fsdp=N"),
     "tp x pp unsupported": Cli("info --tp=2 --pp=2", "tp=2, pp=2", "use --tp or --pp"),
     "strategy unknown": Cli("train --strategy=zero3", "--strategy=zero3", "one of <auto|"),
     "precision unknown": Cli("train --precision=fp8", "--precision=fp8", "mixed_bfloat16"),
@@ -423,8 +426,14 @@ LIBRARY_CASES = {
     "ParallelDims product mismatch": Lib(
         lambda: ParallelDims(dp=2, tp=2).validate(8), ParallelDimsError,
         "data 2 x sharded data 1 x tensor 2", "--dp=4"),
-    "ParallelDims fsdp unsupported": Lib(
-        lambda: ParallelDims(fsdp=2).check_runnable(), ParallelDimsError, "fsdp=2", "use --dp"),
+    "ParallelDims hsdp unsupported": Lib(
+        lambda: ParallelDims(dp=2, fsdp=2).check_runnable(), ParallelDimsError, "dp=2 x fsdp=2",
+        "--fsdp=4"),
+    "ParallelDims zero stage": Lib(lambda: ParallelDims(fsdp=2, zero_stage=0), ParallelDimsError,
+                                   "zero_stage=0", "3 (+ weights, FSDP)"),
+    "ShardedDataParallel zero stage": Lib(
+        lambda: tfpar.ShardedDataParallel(fsdp=4, zero_stage=4), ParallelDimsError,
+        "zero_stage=4", "1 (optimizer state sharded)"),
     "ParallelDims tp x pp unsupported": Lib(
         lambda: ParallelDims(tp=2, pp=2).check_runnable(), ParallelDimsError, "tp=2, pp=2",
         "use --tp or --pp"),

@@ -29,6 +29,7 @@ _LAZY = {
     "DataParallel": "tfpar.strategies",
     "MultiWorker": "tfpar.strategies",
     "TensorParallel": "tfpar.strategies",
+    "ShardedDataParallel": "tfpar.strategies",
     "Pipeline": "tfpar.strategies",
     "ParallelDims": "tfpar.parallel_dims",
     "from_flags": "tfpar.flags",

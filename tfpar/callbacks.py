@@ -9,7 +9,8 @@ leaves a backup whose weights and epoch disagree, and it resumes a mid-epoch
 backup from the start of its epoch. `BackupAndRestore` below fixes all three,
 makes the commit durable (fsync) and can write in the background
 (`async_save`); `PreemptionCheckpoint` adds saving on SIGTERM (Kubernetes
-preemption).
+preemption). `StepPeak` measures the allocator's peak of one training step
+(`tfpar.memory`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 import keras
 import tensorflow as tf
 
-from tfpar import exit_codes
+from tfpar import exit_codes, memory
 from tfpar.compat._keras import snapshot_h5_bytes, weights_snapshot
 from tfpar.strategies import registry
 from tfpar.strategies.base import should_write, strategy_for
@@ -522,3 +523,28 @@ class PreemptionCheckpoint(BackupAndRestore):
                          f"{self.exit_code} ({exit_codes.describe(self.exit_code)})\n")
         sys.stderr.flush()
         raise SystemExit(self.exit_code)
+
+
+class StepPeak(keras.callbacks.Callback):
+    """Measures the allocator peak of one training step (the `at`-th of a fit).
+
+    The first step traces the function and creates the optimizer's slots,
+    so the default measures the second: the memory every later step needs.
+    """
+
+    def __init__(self, at: int = 1):
+        super().__init__()
+        self.at = at
+        self.bytes_per_device: int | None = None
+        self._on = False
+        self._seen = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._seen == self.at and self.bytes_per_device is None:
+            self._on = memory.reset_peak()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._on:
+            self.bytes_per_device = memory.peak_bytes_per_device()
+            self._on = False
+        self._seen += 1

@@ -46,7 +46,8 @@ from tfpar.cluster import Cluster, ClusterConfigError, Discovered, discover
 from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 from tfpar.strategies.pipeline.schedules import SCHEDULES as _SCHEDULE_CLASSES
 
-STRATEGIES = ("auto", "one_device", "data", "multi_worker", "tensor", "pipeline")
+STRATEGIES = ("auto", "one_device", "data", "multi_worker", "sharded", "tensor", "pipeline")
+ZERO_STAGES = (1, 2, 3)
 ALL_REDUCE = ("auto", "nccl", "ring", "hierarchical_copy", "reduce_to_one")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Strategies whose flags exist but whose implementation has not landed yet.
@@ -145,7 +146,12 @@ STRATEGY_FLAGS = {
         "Data-parallel degree: replicas that each see a share of every batch (default: "
         "every local device with --strategy=data)."),
     "fsdp": (flags.DEFINE_integer, None,
-        "Sharded-data-parallel degree (ZeRO/FSDP); not available in this release."),
+        "Sharded-data-parallel degree: devices that split each batch and, per "
+        "--zero_stage, the optimizer state, gradients and weights (ZeRO/FSDP; default: "
+        "every local device with --strategy=sharded)."),
+    "zero_stage": (flags.DEFINE_integer, None,
+        "With --fsdp: 1 shards the optimizer state, 2 also the gradients, 3 also the "
+        "weights (FSDP). Default 3."),
     "tp": (flags.DEFINE_integer, None,
         "Tensor-parallel degree: devices that split each layer's weights (the mesh's "
         "model axis)."),
@@ -233,6 +239,7 @@ def define_strategy_flags(fv: flags.FlagValues) -> None:
         register(name, _positive(name))
     for name in DEGREES:
         register(name, _degree(name))
+    register_multi(["strategy", "zero_stage", "fsdp"], _zero_stage_fits)
     register_multi(list(DEGREES), _runnable_degrees)
     register_multi(["global_batch_size", "per_replica_batch_size"], _one_batch_size)
     register_multi(["strategy", "worker_hosts", "chief_host", "task_type", "task_index"],
@@ -313,6 +320,18 @@ def _runnable_degrees(f) -> bool:
     reason = ParallelDims(**given).unsupported()
     return _check(reason is None, f"{' '.join(f'--{k}={v}' for k, v in given.items())}: "
                                   f"{reason}.")
+
+
+def _zero_stage_fits(f) -> bool:
+    stage = f["zero_stage"]
+    if stage is None:
+        return True
+    _check(stage in ZERO_STAGES, f"--zero_stage={stage}: use 1 (optimizer state sharded), 2 "
+                                 "(+ gradients) or 3 (+ weights, FSDP).")
+    return _check(f["strategy"] == "sharded" or (f["fsdp"] or 1) > 1,
+                  f"--zero_stage={stage} chooses what sharded data parallelism splits, but "
+                  "the job has none; add --fsdp=N (or --strategy=sharded) or drop "
+                  "--zero_stage.")
 
 
 def _cluster_hosts(f) -> bool:
@@ -413,7 +432,7 @@ def _all_reduce_fits_strategy(f) -> bool:
 
 # The degrees each --strategy leaves off (1); the others it leaves to the
 # devices or to the other flags.
-_STRATEGY_OFF = {"one_device": DEGREES, "data": ("fsdp", "tp", "pp"),
+_STRATEGY_OFF = {"one_device": DEGREES, "data": ("fsdp", "tp", "pp"), "sharded": ("dp", "pp"),
                  "multi_worker": ("fsdp", "tp", "pp"), "tensor": ("fsdp", "pp"),
                  "pipeline": ("fsdp", "tp")}
 
@@ -561,6 +580,8 @@ def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
     fixed = set(_shorthand_degrees(_values(f))) | set(given)
     if name == "data" and "dp" not in fixed:
         degrees["dp"] = _local_device_count(f)
+    elif name == "sharded" and "fsdp" not in fixed:
+        degrees["fsdp"] = max(1, _local_device_count(f) * num_clients() // degrees["tp"])
     elif name == "tensor" and "tp" not in fixed:
         degrees["tp"] = max(1, _local_device_count(f) * num_clients() // degrees["dp"])
     elif name == "pipeline" and "pp" not in fixed:
@@ -568,7 +589,7 @@ def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
     if degrees["pp"] > 1:
         return ParallelDims(**degrees, microbatches=f.microbatches, schedule=f.schedule,
                             virtual_stages=f.virtual_stages or None)
-    return ParallelDims(**degrees)
+    return ParallelDims(**degrees, zero_stage=f.zero_stage or 3)
 
 
 def from_flags(flag_values: flags.FlagValues = FLAGS):
@@ -586,11 +607,11 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
 
     f = flag_values
     name = resolve_strategy_name(f)
-    if name == "tensor":
+    if name in ("tensor", "sharded"):
         _export_dtensor_clients(f)
     # A multi-client DTensor mesh makes its own logical devices
     # (dtensor.initialize_accelerator_system); splitting them here would clash.
-    if f.num_simulated_devices and not (name == "tensor" and num_clients() > 1):
+    if f.num_simulated_devices and not (name in ("tensor", "sharded") and num_clients() > 1):
         simulate_devices(f.num_simulated_devices)
     set_precision(f.precision)
     cluster = None

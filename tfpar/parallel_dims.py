@@ -65,6 +65,8 @@ class ParallelDims:
       virtual_stages: V, model stages per pipeline device (the model is cut
         into pp x V stages). None: the schedule's own (2 for "interleaved_1f1b"
         and "zbv", else 1).
+      zero_stage: what the fsdp devices split (fsdp > 1): 1 the optimizer
+        state, 2 also the gradients, 3 also the weights (FSDP).
     """
 
     dp: int = 1
@@ -74,6 +76,7 @@ class ParallelDims:
     microbatches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int | None = None
+    zero_stage: int = 3
 
     def __post_init__(self):
         for name in ("dp", "fsdp", "tp", "pp", "microbatches"):
@@ -82,6 +85,10 @@ class ParallelDims:
                 raise ParallelDimsError(
                     f"{name}={value!r}: every parallel degree is a whole number >= 1 "
                     f"(1 turns that dimension off).")
+        if self.zero_stage not in (1, 2, 3):
+            raise ParallelDimsError(
+                f"zero_stage={self.zero_stage!r}: use 1 (optimizer state sharded), 2 (+ "
+                "gradients) or 3 (+ weights, FSDP).")
         from tfpar.strategies.pipeline import schedules  # pure: the one registry
 
         if self.schedule not in schedules.SCHEDULES:
@@ -149,9 +156,14 @@ class ParallelDims:
     # ---------------------------------------------------- what tfpar runs
     def unsupported(self) -> str | None:
         """Why this tfpar release cannot run these degrees, or None if it can."""
-        if self.fsdp_enabled:
-            return (f"sharded data parallelism (fsdp={self.fsdp}) is not available in this "
-                    "tfpar release; use --dp (replicated data parallelism) instead")
+        if self.fsdp_enabled and self.pp_enabled:
+            return (f"sharded data parallelism with a pipeline (fsdp={self.fsdp}, "
+                    f"pp={self.pp}) is not available in this tfpar release; use --fsdp "
+                    "(with --tp), or --pp with --dp")
+        if self.fsdp_enabled and self.dp_enabled:
+            return (f"replicas of sharded groups (dp={self.dp} x fsdp={self.fsdp}, HSDP) are "
+                    "not available in this tfpar release; shard over every device instead "
+                    f"(--fsdp={self.dp * self.fsdp})")
         if self.tp_enabled and self.pp_enabled:
             return (f"tensor x pipeline parallelism (tp={self.tp}, pp={self.pp}) in one job is "
                     "not available in this tfpar release; use --tp or --pp (with --dp)")
@@ -166,10 +178,12 @@ class ParallelDims:
 
     def strategy_kind(self, multi_process: bool = False) -> str:
         """The tfpar strategy that runs these degrees: one_device, data,
-        multi_worker, tensor or pipeline (checked with `check_runnable`)."""
+        multi_worker, sharded, tensor or pipeline (checked with `check_runnable`)."""
         self.check_runnable()
         if self.pp_enabled:
             return "pipeline"
+        if self.fsdp_enabled:
+            return "sharded"
         if self.tp_enabled:
             return "tensor"
         if multi_process:
@@ -189,6 +203,12 @@ class ParallelDims:
         shape = self.mesh_shape()
         if not pipeline_axis:
             shape.pop("pipeline", None)
+        if self.fsdp_enabled:
+            # One axis splits the batch and the sharded state: DTensor lays out a
+            # tensor dimension over one mesh axis, and Keras's and keras-hub's
+            # layout maps call the axis that shards weights with the batch "batch".
+            shape.pop("fsdp")
+            shape["batch"] = self.dp * self.fsdp
         shape["model"] = self.tp
         return ",".join(f"{axis}:{size}" for axis, size in shape.items())
 
@@ -211,6 +231,8 @@ class ParallelDims:
         """The degree flags that give these dims (degrees of 1 left out)."""
         out = [f"--{k}={getattr(self, k)}" for k in ("dp", "fsdp", "tp", "pp")
                if getattr(self, k) > 1]
+        if self.fsdp_enabled and self.zero_stage != 3:
+            out.append(f"--zero_stage={self.zero_stage}")
         if self.pp_enabled:
             out += [f"--microbatches={self.microbatches}", f"--schedule={self.schedule}"]
             if self.virtual_stages != _default_virtual_stages(self.schedule):
@@ -236,8 +258,9 @@ class ParallelDims:
         return dims
 
     def __str__(self):
-        return " x ".join(f"{k} {getattr(self, k)}" for k in ("pp", "dp", "fsdp", "tp")
+        text = " x ".join(f"{k} {getattr(self, k)}" for k in ("pp", "dp", "fsdp", "tp")
                           if getattr(self, k) > 1) or "one device"
+        return text + (f" (ZeRO-{self.zero_stage})" if self.fsdp_enabled else "")
 
 
 def _default_virtual_stages(schedule: str) -> int:

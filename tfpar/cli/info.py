@@ -54,8 +54,8 @@ def report(fv) -> dict:
             "name": name,
             "replicas": replicas,
             "precision": fv.precision,
-            "mesh": dims.mesh_spec() if name == "tensor" else None,
-            "layouts": fv.layouts if name == "tensor" else None,
+            "mesh": dims.mesh_spec() if name in ("tensor", "sharded") else None,
+            "layouts": fv.layouts if name in ("tensor", "sharded") else None,
         },
         "dims": dims.describe(),
         "cluster": None if cluster is None else {

@@ -60,6 +60,9 @@ def main(argv: list[str]) -> int:
             discover_from_flags(fv)
         logs.configure(fv.verbosity, chief=logs.is_chief(fv))
         if command.uses_tensorflow:
+            from tfpar import memory
+
+            memory.enable_cpu_statistics()  # a step's peak bytes on CPU too (tfpar.memory)
             logs.import_tensorflow()
         return command.run(fv, program)
     except (UsageError, ClusterConfigError, DeviceConfigError, ParallelDimsError) as e:

@@ -4,6 +4,8 @@
   place that decides which process writes shared files (`should_write`);
 - `data_parallel`: `OneDevice`, `DataParallel`, `MultiWorker`
   (`tf.distribute` strategies: every replica holds the whole model);
+- `sharded`: `ShardedDataParallel` (ZeRO-1/2/3, FSDP: the data-parallel
+  state split over the devices, on `TensorParallel`'s DTensor mesh);
 - `tensor`: `TensorParallel` with its device `mesh` and weight `layouts`
   (DTensor: one layer's weights split over devices);
 - `pipeline`: `Pipeline` with its `split`ter, `schedules` and `runner`
@@ -20,6 +22,7 @@ import importlib
 
 _LAZY = {"OneDevice": "data_parallel", "DataParallel": "data_parallel",
          "MultiWorker": "data_parallel", "TensorParallel": "tensor.tensor_parallel",
+         "ShardedDataParallel": "sharded",
          "Pipeline": "pipeline.runner", "Strategy": "base", "should_write": "base",
          "strategy_for": "base", "build": "from_dims"}
 

@@ -12,8 +12,9 @@ Which strategy runs which degrees:
 | dp (one process) | `DataParallel` over dp local devices |
 | dp (a cluster) | `MultiWorker`: dp is every replica of every worker |
 | tp (x dp) | `TensorParallel` on the mesh "batch:dp,model:tp" |
+| fsdp (x tp) | `ShardedDataParallel` (ZeRO-`zero_stage`) on "batch:fsdp,model:tp" |
 | pp (x dp) | `Pipeline` with pp stages and dp replicas |
-| fsdp, or tp x pp | refused: not in this release (`ParallelDims.unsupported`) |
+| fsdp x dp, fsdp x pp, tp x pp | refused: not in this release (`ParallelDims.unsupported`) |
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 
 # The degrees each strategy can run besides data replicas.
 _RUNS = {"one_device": (), "data": (), "multi_worker": (), "tensor": ("tp",),
-         "pipeline": ("pp",)}
+         "sharded": ("fsdp", "tp"), "pipeline": ("pp",)}
 
 
 def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts="megatron",
@@ -54,7 +55,7 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
     kind = kind or default
     if kind not in _RUNS:
         raise ParallelDimsError(f"strategy {kind!r}: use one of {sorted(_RUNS)}.")
-    extra = [f"{k}={getattr(dims, k)}" for k in ("tp", "pp")
+    extra = [f"{k}={getattr(dims, k)}" for k in ("fsdp", "tp", "pp")
              if getattr(dims, k) > 1 and k not in _RUNS[kind]]
     if extra or (kind == "one_device" and dims.world_size > 1):
         raise ParallelDimsError(
@@ -77,6 +78,11 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
                 f"({strategy.num_workers} workers); across workers every device is a "
                 "data-parallel replica: drop --dp, or match it.")
         return strategy
+    if kind == "sharded":
+        return strategies.ShardedDataParallel(
+            dims.fsdp, dims.zero_stage, tp=dims.tp,
+            layout_map=layouts if dims.tp > 1 else "replicated",
+            num_local_devices=num_local_devices)
     if kind == "tensor":
         return strategies.TensorParallel(dims.mesh_spec(), layouts,
                                          num_local_devices=num_local_devices)

@@ -279,7 +279,8 @@ def run(config: TrainConfig, strategy) -> dict:
             write_json(state_path, {**state, "tokens": state["tokens"] + throughput.total_tokens,
                                     "seconds": state["seconds"] + throughput.total_seconds})
 
-    callbacks = [checkpoint, throughput,
+    step_peak = tfpar.callbacks.StepPeak()
+    callbacks = [checkpoint, throughput, step_peak,
                  keras.callbacks.LambdaCallback(on_epoch_end=record)]
     if writer:
         callbacks.append(keras.callbacks.TensorBoard(
@@ -298,6 +299,8 @@ def run(config: TrainConfig, strategy) -> dict:
     # The last epoch's validation ran on the final weights already.
     final_val = last_val if last_step == config.train_steps else \
         float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+    memory = strategy.memory_report(model) | {"peak_step_bytes": step_peak.bytes_per_device}
+    memory.pop("per_device", None)  # a pipeline's per-stage rows: the fullest is reported
     weights = model.get_weights()  # every worker: sharded weights gather collectively
     tokens = state["tokens"] + throughput.total_tokens
     seconds = state["seconds"] + throughput.total_seconds
@@ -321,11 +324,23 @@ def run(config: TrainConfig, strategy) -> dict:
             rate / max(strategy.num_workers, 1), "mfu": rate * flops_per_token / peak,
         "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
         "train_seconds": seconds, "wall_seconds": time.time() - started,
-        "precision": keras.config.dtype_policy().name,
+        "precision": keras.config.dtype_policy().name, "recompute": config.recompute,
+        "memory": memory,
     }
     if writer:
         _write_outputs(config, shape, tokenizer, weights, state, summary)
     return summary
+
+
+def _memory_line(memory: dict) -> str:
+    mib = {k: (v / 2**20 if v is not None else None) for k, v in memory.items()
+           if k.endswith("bytes_per_device") or k == "peak_step_bytes"}
+    peak = mib.get("peak_step_bytes")
+    return (f"parameters {mib['parameter_bytes_per_device']:.1f} MiB, gradients "
+            f"{mib['gradient_bytes_per_device']:.1f} MiB, optimizer "
+            f"{mib['optimizer_bytes_per_device']:.1f} MiB, step peak "
+            + (f"{peak:.1f} MiB" if peak is not None else "not measured (no allocator "
+               "statistics)"))
 
 
 def _resume_point(config, checkpoint, settings, state_path, steps_per_epoch):
@@ -435,6 +450,7 @@ def _write_outputs(config, shape, tokenizer, weights, state, summary) -> None:
           f" -> {summary['final_val_bits_per_byte']:.2f} bits/byte) after {summary['steps']} "
           "steps; "
           f"{summary['tokens_per_second']:,.0f} tokens/s; MFU {summary['mfu']:.1%}")
+    print("tfpar train: memory per device: " + _memory_line(summary["memory"]))
     print(f"tfpar train: sample ({config.sample_tokens} tokens after {config.sample_prompt!r}):\n"
           f"{sample}\n", flush=True)
     print(f"tfpar train: wrote {out}/{{summary.json,loss.png,sample.txt,model.keras,"

@@ -221,21 +221,27 @@ class TensorParallel(StrategyBase):
             return upstream(keras_variable, value)
         keras_variable._value = self.create_variable(keras_variable, value)
 
+    def variable_layout(self, keras_variable, shape) -> dtensor.Layout:
+        """The layout of a Keras variable being created: an optimizer slot
+        follows its variable (whose layout Keras passes as `_layout`), any
+        other variable takes the LayoutMap's."""
+        reference = keras_variable._layout
+        if isinstance(reference, dtensor.Layout):
+            self.variables[keras_variable.path] = (
+                tuple(int(d) for d in shape),
+                tuple(None if s == dtensor.UNSHARDED else s for s in reference.sharding_specs))
+            return reference
+        layout = self.layout_for(keras_variable.path, shape)
+        keras_variable._layout = layout
+        return layout
+
     def create_variable(self, keras_variable, value) -> dtensor.DVariable:
         """Makes the DVariable behind a Keras variable (called from tfpar.compat)."""
         with tf.init_scope():
             if callable(value):
                 value = value()
             value = tf.cast(tf.convert_to_tensor(value), keras_variable._dtype)
-        reference = keras_variable._layout
-        if isinstance(reference, dtensor.Layout):
-            layout = reference  # an optimizer slot follows its variable
-            self.variables[keras_variable.path] = (
-                tuple(value.shape), tuple(None if s == dtensor.UNSHARDED else s
-                                          for s in layout.sharding_specs))
-        else:
-            layout = self.layout_for(keras_variable.path, value.shape)
-            keras_variable._layout = layout
+        layout = self.variable_layout(keras_variable, value.shape)
         registry.tag(keras_variable, self)  # how a model finds its strategy
         with tf.init_scope():
             value = to_layout(value, layout)
