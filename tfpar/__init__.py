@@ -38,7 +38,7 @@ _LAZY = {
 }
 
 _SUBMODULES = ("callbacks", "cluster", "compat", "data", "devices", "exit_codes", "flags",
-               "k8s", "launch", "models", "parallel_dims", "plan", "precision", "recompute",
+               "k8s", "launch", "memory", "models", "parallel_dims", "plan", "precision", "recompute",
                "strategies", "train")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]

@@ -65,3 +65,16 @@ def peak_bytes_per_device() -> int | None:
     except (ValueError, tf.errors.InvalidArgumentError):
         return None
     return int(max(peaks) // sharing)
+
+
+def step_peak_bytes(model, x, y) -> int | None:
+    """The allocator peak per device of one `train_on_batch(x, y)`, after one
+    untimed step that traces the function and creates the optimizer's slots.
+
+        peak = tfpar.memory.step_peak_bytes(model, tokens[:, :-1], tokens[:, 1:])
+    """
+    model.train_on_batch(x, y)
+    if not reset_peak():
+        return None
+    model.train_on_batch(x, y)
+    return peak_bytes_per_device()

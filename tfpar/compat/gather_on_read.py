@@ -15,15 +15,30 @@ optimizer's update, the gradient tape's sources, checkpoints) the variable
 is read as it is stored, so each device keeps only its shard of the weight
 and of its optimizer state.
 
+Each gather is also made to wait for the input of the layer that reads the
+weight (a data dependency on one element of it: DTensor drops control
+dependencies between pure ops). Without it, TensorFlow's executor runs every
+all-gather as soon as the step starts, since a gather depends only on its
+variable, and every gathered weight is alive at once: ZeRO-3's peak then
+holds a whole model's worth of gathered weights. With it, a layer's weights
+are gathered when the layer runs and, under recomputation, gathered again
+when its backward runs (`tf.recompute_grad` makes the recomputed forward
+wait for the incoming gradient the same way), as FSDP does.
+
 Measured (tests/keras_hub_table.py): keras-hub Llama and Qwen with their own
 `get_layout_map` on a 2x2 mesh train within 1e-5 of one device; without
 this patch the first step fails with the error above.
 """
 
+import functools
+import threading
+
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from tfpar.compat.patch import Patch
+
+_calls = threading.local()  # the inputs of the layer calls being traced, innermost last
 
 
 def _gathered(layout: dtensor.Layout, axis: str) -> dtensor.Layout | None:
@@ -53,10 +68,52 @@ def _patched_value(upstream):
         target = _gathered(layout, axis) if axis is not None else None
         if target is None:
             return read
-        return dtensor.relayout(read, target)
+        return dtensor.relayout(_after(read, _current_input()), target)
 
     value._tfpar_upstream = upstream
     return property(value)
+
+
+def _current_input():
+    stack = getattr(_calls, "inputs", None)
+    return stack[-1] if stack else None
+
+
+def _after(value, anchor):
+    """`value`, made to wait for `anchor` by a data dependency (adds an exact 0).
+
+    The 0 comes from `where(e == e, 0, nan)` on one element of each row of
+    `anchor`, as `tf.recompute_grad` does, so no rewrite folds it away; the
+    anchor is behind stop_gradient, so the backward gains nothing.
+    """
+    if anchor is None or anchor.shape.rank is None or anchor.shape.rank == 0:
+        return value
+    element = tf.reduce_min(tf.stop_gradient(anchor)[..., :1])
+    zero = tf.where(tf.equal(element, element), 0.0, float("nan"))
+    return value + tf.cast(zero, value.dtype)
+
+
+def _first_tensor(args):
+    for item in tf.nest.flatten(args):
+        if isinstance(item, tf.Tensor) and item.dtype != tf.resource:
+            return item
+    return None
+
+
+def _recording_call(upstream):
+    @functools.wraps(upstream)
+    def __call__(self, *args, **kwargs):
+        if not tf.inside_function():
+            return upstream(self, *args, **kwargs)
+        stack = _calls.__dict__.setdefault("inputs", [])
+        stack.append(_first_tensor(args))
+        try:
+            return upstream(self, *args, **kwargs)
+        finally:
+            stack.pop()
+
+    __call__._tfpar_upstream = upstream
+    return __call__
 
 
 def _variable_class():
@@ -65,9 +122,19 @@ def _variable_class():
     return Variable
 
 
+def _operation_class():
+    from keras.src.ops.operation import Operation  # private, pinned
+
+    return Operation
+
+
 def _install():
     cls = _variable_class()
     cls.value = _patched_value(cls.value.fget)
+    # Operation.__call__, which Layer.__call__ ends in: the layer is built by
+    # then, and Layer.__call__ itself is dtensor_layer_inputs' to wrap.
+    operation = _operation_class()
+    operation.__call__ = _recording_call(operation.__call__)
 
 
 def _uninstall():
@@ -75,6 +142,8 @@ def _uninstall():
     upstream = cls.value.fget._tfpar_upstream
     del cls.value  # the inherited property (KerasVariable.value) again
     assert cls.value.fget is upstream
+    operation = _operation_class()
+    operation.__call__ = operation.__call__._tfpar_upstream
 
 
 PATCH = Patch("gather_on_read", "mechanism",
@@ -82,4 +151,5 @@ PATCH = Patch("gather_on_read", "mechanism",
               "contract a dimension sharded on the batch axis against the model axis",
               _install, _uninstall,
               requires=("keras.src.backend.tensorflow.core:Variable.value",
+                        "keras.src.ops.operation:Operation.__call__",
                         "keras.src.backend.common.global_state:get_global_attribute"))

@@ -26,7 +26,12 @@ Memory per device (the largest stage's device):
   float32 logits on the last stage. With full recomputation a layer keeps
   only its input (2 bytes x s*b*h) and one layer's activations are rebuilt
   at a time; with selective recomputation a layer drops the attention core
-  (the 5*a*s/(h*t) term), as `tfpar.recompute` implements both.
+  (the 5*a*s/(h*t) term), as `tfpar.recompute` implements both;
+- sharded data parallelism (`fsdp` devices, `ShardedDataParallel`): ZeRO-1
+  divides the optimizer state by fsdp, ZeRO-2 also the gradients, ZeRO-3 also
+  the weights, and ZeRO-3 adds the gathered weights in use: one block's with
+  full recomputation (gathered again for its backward), else every gathered
+  weight of the device (kept from the forward to the backward).
 
 Time per step: the model's FLOPs (`training_flops_per_token`, x4/3 with
 full recomputation, + the attention core's forward with selective) at `efficiency` x peak, stretched by the pipeline bubble of
@@ -36,7 +41,10 @@ forward, input- and weight-gradient costs; (K-1)/(M+K-1) for GPipe and
 all-reduces (4 per layer and micro-batch), pipeline sends (each
 micro-batch's activation forward and its gradient back) and the
 data-parallel gradient all-reduce after the backward (as tf.distribute does
-it). Devices are ordered tensor-fastest, then data, then pipeline (as
+it; with fsdp: the gradient reduce-scatter (ZeRO-2/3) or all-reduce
+(ZeRO-1), the all-gather of the updated weights (ZeRO-1/2) or of the weights
+in the forward, and again in a recomputed backward (ZeRO-3)). Devices are
+ordered tensor-fastest, then data, then pipeline (as
 Megatron-LM does): a group whose devices fit in one node uses the node's
 bandwidth, else the network's.
 """
@@ -215,13 +223,27 @@ def memory(work: Workload, dims: ParallelDims, micro_batch: int) -> dict:
         if s == p - 1:  # float32 logits and their softmax, split over the vocabulary
             held += 2 * 4 * tokens * model.vocab / t
         act = in_flight[s] * held + (per_layer if full and blocks else 0)
-        weights = params[s] * WEIGHT_BYTES
-        gradients = params[s] * GRADIENT_BYTES
-        optimizer = params[s] * (ADAM_BYTES + (ACCUMULATOR_BYTES if accumulate else 0))
+        shard = zero_divisors(dims)
+        weights = params[s] * WEIGHT_BYTES / shard["weights"]
+        gradients = params[s] * GRADIENT_BYTES / shard["gradients"]
+        optimizer = params[s] * (ADAM_BYTES + (ACCUMULATOR_BYTES if accumulate else 0)) \
+            / shard["optimizer"]
+        gathered = 0.0
+        if shard["weights"] > 1:  # ZeRO-3: the weights gathered for use
+            block = max(params[s] / max(blocks, 1), 0) if full else params[s]
+            gathered = block * WEIGHT_BYTES
         rows.append({"stage": s, "weights": weights, "gradients": gradients,
-                     "optimizer": optimizer, "activations": act,
-                     "total": weights + gradients + optimizer + act})
+                     "optimizer": optimizer, "gathered": gathered, "activations": act,
+                     "total": weights + gradients + optimizer + gathered + act})
     return max(rows, key=lambda r: r["total"])
+
+
+def zero_divisors(dims: ParallelDims) -> dict[str, int]:
+    """What each kind of state is divided by under the ZeRO stage of `dims`
+    (`ShardedDataParallel`: stage 1 the optimizer state, 2 + gradients, 3 + weights)."""
+    n, stage = dims.fsdp, dims.zero_stage if dims.fsdp_enabled else 0
+    return {"optimizer": n if stage >= 1 else 1, "gradients": n if stage >= 2 else 1,
+            "weights": n if stage >= 3 else 1}
 
 
 def schedule_of(work: Workload, dims: ParallelDims):
@@ -271,7 +293,12 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
     pp_time = pp_bytes / (bandwidth(t * d * p) * 1e9) if p > 1 else 0.0
     gradient = max(stage_parameters(model, t, p)) * GRADIENT_BYTES
     dp_bytes = 2 * (d - 1) / d * gradient if d > 1 else 0.0
-    dp_time = _ring_all_reduce(gradient, d, bandwidth(t * d))
+    if dims.fsdp_enabled:
+        # All-gathers and reduce-scatters move (n-1)/n of the bytes; an all-reduce 2(n-1)/n.
+        share = (d - 1) / d * gradient
+        gathers = 1 if dims.zero_stage < 3 else (2 if work.recompute == "full" else 1)
+        dp_bytes = (2 if dims.zero_stage == 1 else 1) * share + gathers * share
+    dp_time = dp_bytes / (bandwidth(t * d) * 1e9) if d > 1 else 0.0
     total = pipelined + tp_time + pp_time + dp_time
     return {"compute_s": compute, "bubble": bubble, "tensor_comm_s": tp_time,
             "pipeline_comm_s": pp_time, "data_comm_s": dp_time, "step_s": total,

@@ -35,7 +35,7 @@ def table(plan: Plan, top: int = 12) -> str:
              f"{hw.devices} devices ({hw.devices_per_node} per node, {hw.memory_gib:g} GiB, "
              f"{hw.peak_tflops:g} TFLOP/s peak at {hw.efficiency:.0%} efficiency, "
              f"{hw.intra_node_gbps:g} GB/s in a node, {hw.inter_node_gbps:g} GB/s between)", ""]
-    header = (f"{'':2}{'data':>5} {'tensor':>6} {'pipe':>5} {'mbs':>4} {'M':>5} "
+    header = (f"{'':2}{'data':>5} {'zero':>4} {'tensor':>6} {'pipe':>5} {'mbs':>4} {'M':>5} "
               f"{'state GiB':>9} {'act GiB':>8} {'total':>7} {'bubble':>7} {'comm GB':>8} "
               f"{'step s':>8} {'MFU':>6}  runs in tfpar")
     lines += [header, "-" * len(header)]
@@ -47,14 +47,16 @@ def table(plan: Plan, top: int = 12) -> str:
         m, t, dims = c.memory, c.time, c.dims
         state = (m["weights"] + m["gradients"] + m["optimizer"]) / GIB
         mark = ">" if c is plan.best else ("x" if not c.fits else "")
+        zero = str(dims.zero_stage) if dims.fsdp_enabled else "-"
         lines.append(
-            f"{mark:2}{dims.dp:>5} {dims.tp:>6} {dims.pp:>5} {c.micro_batch:>4} "
+            f"{mark:2}{dims.batch_shards:>5} {zero:>4} {dims.tp:>6} {dims.pp:>5} {c.micro_batch:>4} "
             f"{c.microbatches:>5} {state:>9.1f} {m['activations'] / GIB:>8.1f} "
             f"{m['total'] / GIB:>7.1f} {t['bubble']:>7.1%} {t['comm_bytes'] / 1e9:>8.2f} "
             f"{t['step_s']:>8.3f} {t['mfu']:>6.1%}  "
             + ("does not fit" if not c.fits else (c.tfpar_flags or "-")))
-    lines += ["", "> recommended; x does not fit in memory; state = weights + gradients + AdamW; "
-              "M = micro-batches per replica;", "  - = tfpar cannot run it yet (tensor x "
+    lines += ["", "> recommended; x does not fit in memory; zero = the data devices shard "
+              "(ZeRO stage: 1 optimizer state,", "  2 + gradients, 3 + weights) or - replicate; "
+              "state = weights + gradients + AdamW; M = micro-batches per replica;", "  - = tfpar cannot run it yet (tensor x "
               "pipeline, or a pipeline across hosts). Why this one:"]
     lines += [f"  - {r}" for r in plan.reasons]
     if plan.best is not None and plan.best.dims.pp > 1:

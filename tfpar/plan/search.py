@@ -1,7 +1,8 @@
 """Which parallel configuration fits, and which is fastest.
 
 `recommend(work, hardware)` tries every data x tensor x pipeline split of the
-devices with every power-of-two micro-batch, drops the ones that cannot
+devices (the data devices replicated, or, without a pipeline, sharded at
+ZeRO stage 1, 2 or 3) with every power-of-two micro-batch, drops the ones that cannot
 work (a tensor degree that does not divide the heads, the MLP or the
 vocabulary; more stages than the model has cut points; a batch that does not
 split), prices the rest with `tfpar.plan.cost`, rejects those that do not fit
@@ -44,7 +45,9 @@ class Candidate:
     tfpar_flags: str | None  # how tfpar runs it, if it can
 
     def as_dict(self) -> dict:
-        return {"dims": self.dims.describe(), "data": self.dims.dp, "tensor": self.dims.tp,
+        return {"dims": self.dims.describe(), "data": self.dims.dp, "fsdp": self.dims.fsdp,
+                "zero_stage": self.dims.zero_stage if self.dims.fsdp_enabled else 0,
+                "tensor": self.dims.tp,
                 "pipeline": self.dims.pp, "micro_batch_size": self.micro_batch,
                 "microbatches": self.microbatches, "fits": self.fits,
                 "memory_bytes": {k: v for k, v in self.memory.items() if k != "stage"},
@@ -122,12 +125,16 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                 except ParallelDimsError as e:  # e.g. interleaving needs M % K == 0
                     skipped.append(f"pipeline={p}, micro-batch {b}: {e}")
                     continue
-                mem = cost.memory(work, dims, b)
-                flags = tfpar_flags(dims, b, m, hw)
-                if runnable_only and flags is None:
-                    continue
-                candidates.append(Candidate(dims, b, m, mem, cost.step(work, dims, b, hw),
-                                            mem["total"] <= hw.usable_bytes, flags))
+                # The data devices replicated (dp), or sharded at each ZeRO stage (fsdp).
+                variants = [dims] + ([ParallelDims(fsdp=d, tp=t, zero_stage=z)
+                                      for z in (1, 2, 3)] if d > 1 and p == 1 else [])
+                for dims in variants:
+                    mem = cost.memory(work, dims, b)
+                    flags = tfpar_flags(dims, b, m, hw)
+                    if runnable_only and flags is None:
+                        continue
+                    candidates.append(Candidate(dims, b, m, mem, cost.step(work, dims, b, hw),
+                                                mem["total"] <= hw.usable_bytes, flags))
     candidates.sort(key=lambda c: (not c.fits, round(c.time["step_s"], 6),
                                    c.dims.tp * c.dims.pp, -c.micro_batch))
     plan = Plan(work, hw, candidates, skipped, [])
