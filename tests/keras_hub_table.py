@@ -31,7 +31,7 @@ keras_hub = pytest.importorskip(
 pytestmark = pytest.mark.hub
 
 # The table's columns, each run in one process by tests/test_keras_hub.py.
-COLUMNS = {"tensor": "megatron or tensor_parallel or gathering",
+COLUMNS = {"tensor": "megatron or tensor_parallel or gathering or sharded",
            "data_and_pipeline": "data_parallel or pipeline"}
 
 STEPS, BATCH, T, VOCAB = 12, 16, 16, 64
@@ -179,6 +179,26 @@ def test_without_gathering_on_read_llamas_own_layout_map_fails_in_dtensor(monkey
     finally:
         monkeypatch.undo()
         compat.apply_keras_fixes()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_sharded_fsdp_x_tp_with_the_backbones_own_layout_map_matches_one_device(name):
+    strategy = tfpar.ShardedDataParallel(fsdp=2, zero_stage=3, tp=2,
+                                         layout_map=own_layout_map(name))
+    model = train(strategy, name)
+    stored = [axes for p, (_, axes) in strategy.variables.items() if not p.startswith("adamw/")]
+    assert sum("batch" in axes for axes in stored) > len(stored) // 2
+    assert max_abs_diff(exact(name), model) <= TOLERANCE
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_sharded_zero_stages_on_four_devices_match_one_device_llama(stage):
+    strategy = tfpar.ShardedDataParallel(fsdp=4, zero_stage=stage)
+    model = train(strategy, "llama")
+    report = strategy.memory_report(model)
+    divided = report["optimizer_bytes_per_device"] / (2 * report["parameter_bytes_total"])
+    assert divided < 0.3  # a quarter, but for what does not split four ways
+    assert max_abs_diff(exact("llama"), model) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -124,7 +124,7 @@ def test_plan_prints_a_table_and_json_with_the_recommendation(tmp_path):
             "--precision=mixed_bfloat16", "--recompute=full"]
     table = tfpar_cli(*args, timeout=60)
     assert table.returncode == 0, table.stdout
-    assert "state GiB" in table.stdout and "\n>    16      8     8" in table.stdout
+    assert "state GiB" in table.stdout and "\n>    16    -      8     8" in table.stdout
     result = tfpar_cli(*args, "--format=json", f"--timeline_png={tmp_path / 's.png'}",
                        timeout=60)
     assert result.returncode == 0, result.stdout

@@ -7,7 +7,7 @@ work (a tensor degree that does not divide the heads, the MLP or the
 vocabulary; more stages than the model has cut points; a batch that does not
 split), prices the rest with `tfpar.plan.cost`, rejects those that do not fit
 in memory, and ranks the others by estimated step time (ties: fewer
-model-parallel devices, then larger micro-batches).
+model-parallel devices, then the lowest ZeRO stage, then larger micro-batches).
 
 Example::
 
@@ -135,8 +135,12 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                         continue
                     candidates.append(Candidate(dims, b, m, mem, cost.step(work, dims, b, hw),
                                                 mem["total"] <= hw.usable_bytes, flags))
+    # Ties go to fewer model-parallel devices, then to the lowest ZeRO stage (the
+    # least sharding that fits: DeepSpeed's advice), then to larger micro-batches.
     candidates.sort(key=lambda c: (not c.fits, round(c.time["step_s"], 6),
-                                   c.dims.tp * c.dims.pp, -c.micro_batch))
+                                   c.dims.tp * c.dims.pp,
+                                   c.dims.zero_stage if c.dims.fsdp_enabled else 0,
+                                   -c.micro_batch))
     plan = Plan(work, hw, candidates, skipped, [])
     plan.reasons = _reasons(plan)
     return plan

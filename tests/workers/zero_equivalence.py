@@ -1,0 +1,54 @@
+"""Prints one JSON line: max |dw| from the exact single-device run for each
+sharded layout (ZeRO-1/2/3 on 4 devices, FSDP 2 x TP 2), with recomputation
+off and on, after 12 AdamW steps of a GPT; and the bytes each keeps.
+
+One process for the whole matrix (tests/test_sharded.py runs it): the
+in-process part of the suite stays fast.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import tfpar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from consistency_cases import max_abs_diff  # noqa: E402
+from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients  # noqa: E402
+
+STEPS, BATCH = 12, 16
+SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=2, vocab=64, seq_len=16)
+LAYOUTS = {"zero1": (4, 1, 1), "zero2": (4, 1, 2), "zero3": (4, 1, 3), "fsdp2xtp2": (2, 2, 3)}
+
+
+def train(strategy, recompute):
+    tokens = np.random.RandomState(0).randint(
+        0, SHAPE.vocab, size=(STEPS * BATCH, SHAPE.seq_len + 1)).astype("int32")
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = tfpar.models.gpt(SHAPE, recompute=recompute)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=tfpar.models.lm_loss())
+        use_dense_gradients(model.optimizer)
+    model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=BATCH, epochs=1, shuffle=False,
+              verbose=0)
+    return model
+
+
+def main():
+    tfpar.simulate_devices(4)
+    exact = train(tfpar.OneDevice(), "none")
+    rows = {}
+    for name, (fsdp, tp, stage) in LAYOUTS.items():
+        for recompute in ("none", "full"):
+            strategy = tfpar.ShardedDataParallel(fsdp=fsdp, zero_stage=stage, tp=tp)
+            model = train(strategy, recompute)
+            rows[f"{name} {recompute}"] = {"max_abs_diff": max_abs_diff(exact, model),
+                                           **strategy.memory_report(model)}
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
