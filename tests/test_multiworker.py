@@ -199,3 +199,13 @@ def test_worker_that_never_starts_fails_the_others_at_registration(tmp_path):
     assert lone.returncode != 0
     assert "Barrier timed out" in output or "register" in output.lower(), output[-2000:]
     assert elapsed < 60, elapsed
+
+
+def test_multi_worker_all_reduces_gradients_in_bfloat16_when_asked(reference, tmp_path):
+    out = tmp_path / "mw16"
+    result = launch("--strategy=multi_worker", "--reduce_dtype=bfloat16", f"--out={out}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    ref, w0, w1 = weights(reference), weights(out, 0), weights(out, 1)
+    assert max_abs_diff(w0, w1) == 0.0  # the same 16-bit sum on every worker
+    # Rounded to 8 significant bits before the sum: off the exact run, but not far.
+    assert 1e-6 < max_abs_diff(ref, w0) < 5e-2

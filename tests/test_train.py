@@ -154,6 +154,13 @@ def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
     assert summary["steps"] == 20 and summary["data"].startswith("TFDS python_stdlib")
     assert summary["final_val_loss"] < 0.9 * summary["initial_val_loss"]  # 8.3 nats at start
     assert summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
+    memory = summary["memory"]  # replicated: every device holds everything
+    assert memory["parameter_bytes_per_device"] == memory["parameter_bytes_total"]
+    assert memory["optimizer_bytes_per_device"] >= 2 * memory["parameter_bytes_per_device"]
+    assert memory["peak_step_bytes"] > memory["parameter_bytes_per_device"]
+    assert summary["communication"]["gradient_wire_bytes_per_device"] == pytest.approx(
+        1.5 * memory["gradient_bytes_per_device"])  # 2(n-1)/n of float32 gradients, n = 4
+    assert "tfpar train: memory per device: parameters" in result.stdout
     # bits per byte = nats per token / ln 2 / bytes per token (BPE tokens: 3-4 bytes)
     assert 3 < summary["val_bytes_per_token"] < 4.5
     assert summary["final_val_bits_per_byte"] == pytest.approx(
@@ -247,3 +254,19 @@ def test_text_files_and_a_user_tokenizer_train_through_the_same_job(tmp_path):
     assert summary["data"].startswith("files ")
     assert summary["final_val_loss"] < 0.75 * summary["initial_val_loss"]
     assert (tmp_path / "out" / "sample.txt").read_text().startswith("the ")
+
+
+@pytest.mark.multiprocess
+def test_tfpar_train_sharded_zero3_with_recomputation_keeps_a_quarter_per_device(tmp_path):
+    result = tfpar_cli("train", "--fsdp=4", "--zero_stage=3", "--recompute=full",
+                       "--num_simulated_devices=4", "--tokenizer=bytes",
+                       f"--output_dir={tmp_path}", *SHORT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = summary_of(tmp_path)
+    assert summary["strategy"] == "sharded" and summary["recompute"] == "full"
+    assert summary["dims"]["fsdp"] == 4 and summary["dims"]["zero_stage"] == 3
+    memory = summary["memory"]
+    assert memory["parameter_bytes_per_device"] == memory["parameter_bytes_total"] / 4
+    assert memory["gradient_bytes_per_device"] == memory["parameter_bytes_total"] / 4
+    assert memory["peak_step_bytes"] > 0
+    assert summary["final_val_loss"] < 0.9 * summary["initial_val_loss"]

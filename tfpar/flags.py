@@ -173,6 +173,10 @@ STRATEGY_FLAGS = {
     "all_reduce": (enum_flag(ALL_REDUCE), "auto",
         "Gradient all-reduce. data: auto|nccl|hierarchical_copy|reduce_to_one; "
         "multi_worker: auto|ring|nccl."),
+    "reduce_dtype": (enum_flag(["float32", "bfloat16", "float16"]), "float32",
+        "data, multi_worker: the dtype gradients are all-reduced in. bfloat16 or float16 "
+        "halve the bytes on the wire (each gradient element rounded to 16 bits; the "
+        "update stays in float32)."),
     "pack_bytes": (flags.DEFINE_integer, 0,
         "multi_worker: pack gradients into all-reduces of this many bytes (0: "
         "TensorFlow's default)."),
@@ -245,6 +249,7 @@ def define_strategy_flags(fv: flags.FlagValues) -> None:
     register_multi(["strategy", "worker_hosts", "chief_host", "task_type", "task_index"],
                    _cluster_hosts)
     register_multi(["strategy", "all_reduce"], _all_reduce_fits_strategy)
+    register_multi(["strategy", "reduce_dtype", *DEGREES], _reduce_dtype_fits_strategy)
     register_multi(["strategy", "pipeline_stages", "microbatches", "split_points",
                     "pipeline_replicas", "num_simulated_devices", "dp", "pp", "schedule",
                     "virtual_stages"], _pipeline_flags)
@@ -414,6 +419,19 @@ def _schedule_fits(f) -> bool:
         _check(reason is None, f"--schedule={schedule} --microbatches={f['microbatches']}: "
                                f"{reason}")
     return True
+
+
+def _reduce_dtype_fits_strategy(f) -> bool:
+    if f["reduce_dtype"] == "float32":
+        return True
+    other = [f"--{k}={f[k]}" for k in ("fsdp", "tp", "pp") if (f[k] or 1) > 1]
+    if f["strategy"] not in ("auto", "data", "multi_worker"):
+        other.insert(0, f"--strategy={f['strategy']}")
+    return _check(not other,
+                  f"--reduce_dtype={f['reduce_dtype']} compresses the gradient all-reduce of "
+                  f"--strategy=data and multi_worker; {' '.join(other)} reduces gradients "
+                  "inside its DTensor or pipeline step, where tfpar cannot cast them yet. Drop "
+                  "--reduce_dtype, or use --dp.")
 
 
 def _all_reduce_fits_strategy(f) -> bool:
@@ -626,6 +644,7 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
     return build(
         dims_from_flags(f), kind=name, cluster=cluster, layouts=f.layouts,
         split_points=f.split_points or None, all_reduce=f.all_reduce,
+        reduce_dtype=None if f.reduce_dtype == "float32" else f.reduce_dtype,
         num_local_devices=f.num_simulated_devices or None,
         multi_worker={"pack_bytes": f.pack_bytes,
                       "collective_timeout_s": f.collective_timeout or None,

@@ -20,6 +20,10 @@ update in cross-replica context on the reduced gradient, where a cond may
 hold variable updates. There `maybe_merge_call` (which Keras calls for each
 update) must call its function directly: `merge_call` only exists in
 replica context. Verified on Keras 3.15.1, TensorFlow 2.21.
+
+Being the one place where tf.distribute strategies all-reduce gradients, it
+also casts them to the strategy's `reduce_dtype` (16-bit gradient
+reduction) before the all-reduce and back to the variable's dtype after.
 """
 
 import functools
@@ -35,14 +39,18 @@ def _reduce_before_apply(upstream):
     def _backend_apply_gradients(self, grads, trainable_variables):
         if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
             return upstream(self, grads, trainable_variables)
+        # A tfpar strategy's reduce_dtype: the gradients cross devices in 16 bits.
+        wire = getattr(tf.distribute.get_strategy(), "reduce_dtype", None)
         reduced = self._all_reduce_sum_gradients(
-            list(zip(grads, [_tf_variable(v) for v in trainable_variables])))
+            list(zip([_cast(g, wire) for g in grads],
+                     [_tf_variable(v) for v in trainable_variables])))
 
         def apply_reduced(strategy, grads):
             # After the all-reduce every replica holds the same values; the
             # first local one stands for all (updates copy it to each device).
-            grads = [None if g is None else strategy.experimental_local_results(g)[0]
-                     for g in grads]
+            grads = [None if g is None else
+                     _cast(strategy.experimental_local_results(g)[0], v.dtype if wire else None)
+                     for g, v in zip(grads, trainable_variables)]
             return upstream(self, grads, trainable_variables)
 
         tf.distribute.get_replica_context().merge_call(
@@ -50,6 +58,15 @@ def _reduce_before_apply(upstream):
 
     _backend_apply_gradients._tfpar_upstream = upstream
     return _backend_apply_gradients
+
+
+def _cast(gradient, dtype):
+    if gradient is None or dtype is None:
+        return gradient
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices,
+                                gradient.dense_shape)
+    return tf.cast(gradient, dtype)
 
 
 def _tf_variable(variable):

@@ -40,7 +40,8 @@ forward, input- and weight-gradient costs; (K-1)/(M+K-1) for GPipe and
 1F1B), plus communication that is not overlapped: tensor-parallel
 all-reduces (4 per layer and micro-batch), pipeline sends (each
 micro-batch's activation forward and its gradient back) and the
-data-parallel gradient all-reduce after the backward (as tf.distribute does
+data-parallel gradient all-reduce after the backward (in float32, or 16 bits
+with `reduce_dtype`; as tf.distribute does
 it; with fsdp: the gradient reduce-scatter (ZeRO-2/3) or all-reduce
 (ZeRO-1), the all-gather of the updated weights (ZeRO-1/2) or of the weights
 in the forward, and again in a recomputed backward (ZeRO-3)). Devices are
@@ -57,6 +58,7 @@ import math
 
 from tfpar.models.shapes import GPTConfig
 from tfpar.parallel_dims import ParallelDims
+from tfpar.strategies.base import ring_all_reduce_bytes
 from tfpar.strategies.pipeline.balance import balanced_cuts
 from tfpar.strategies.pipeline.schedules import get as get_schedule
 
@@ -65,6 +67,7 @@ GIB = 2 ** 30
 # framework (CUDA context, allocator fragmentation, temporary buffers).
 USABLE_FRACTION = 0.9
 WEIGHT_BYTES, GRADIENT_BYTES, ADAM_BYTES, ACCUMULATOR_BYTES = 4, 4, 8, 4
+REDUCE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # a gradient element on the wire
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +121,16 @@ class Workload:
     precision: str = "mixed_bfloat16"
     schedule: str = "1f1b"
     recompute: str = "none"  # tfpar.recompute.MODES
+    reduce_dtype: str = "float32"  # the data-parallel gradient all-reduce (--reduce_dtype)
 
     def __post_init__(self):
         from tfpar.recompute import MODES
 
         if self.recompute not in MODES:
             raise ValueError(f"recompute={self.recompute!r}: use one of {list(MODES)}.")
+        if self.reduce_dtype not in REDUCE_BYTES:
+            raise ValueError(f"reduce_dtype={self.reduce_dtype!r}: use one of "
+                             f"{list(REDUCE_BYTES)}.")
         if self.global_batch < 1:
             raise ValueError(f"global_batch={self.global_batch}: must be >= 1.")
         if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
@@ -238,6 +245,12 @@ def memory(work: Workload, dims: ParallelDims, micro_batch: int) -> dict:
     return max(rows, key=lambda r: r["total"])
 
 
+def compresses_gradients(dims: ParallelDims) -> bool:
+    """Whether tfpar's runtime can all-reduce these degrees' gradients in 16 bits
+    (`--reduce_dtype`: the data and multi-worker strategies)."""
+    return not (dims.fsdp_enabled or dims.tp_enabled or dims.pp_enabled)
+
+
 def zero_divisors(dims: ParallelDims) -> dict[str, int]:
     """What each kind of state is divided by under the ZeRO stage of `dims`
     (`ShardedDataParallel`: stage 1 the optimizer state, 2 + gradients, 3 + weights)."""
@@ -292,7 +305,10 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
     pp_bytes = 2 * m * activation if p > 1 else 0.0
     pp_time = pp_bytes / (bandwidth(t * d * p) * 1e9) if p > 1 else 0.0
     gradient = max(stage_parameters(model, t, p)) * GRADIENT_BYTES
-    dp_bytes = 2 * (d - 1) / d * gradient if d > 1 else 0.0
+    # The same arithmetic as DataParallel.communication_report; tfpar compresses
+    # the all-reduce of the tf.distribute strategies only (pure data parallelism).
+    wire = REDUCE_BYTES[work.reduce_dtype] if compresses_gradients(dims) else GRADIENT_BYTES
+    dp_bytes = ring_all_reduce_bytes(max(stage_parameters(model, t, p)) * wire, d)
     if dims.fsdp_enabled:
         # All-gathers and reduce-scatters move (n-1)/n of the bytes; an all-reduce 2(n-1)/n.
         share = (d - 1) / d * gradient

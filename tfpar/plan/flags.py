@@ -43,6 +43,9 @@ PLAN_FLAGS = {
         "Activation recomputation to assume, as tfpar train's --recompute: none, "
         "selective (the attention core) or full (each block; published large-model runs "
         "use it)."),
+    "reduce_dtype": (tfpar_flags.enum_flag(["float32", "bfloat16", "float16"]), "float32",
+        "The dtype data-parallel gradients are all-reduced in, as tfpar train's "
+        "--reduce_dtype."),
     "runnable_only": (flags.DEFINE_bool, False,
         "Only layouts tfpar can run today (no tensor x pipeline, pipelines on one "
         "host)."),
@@ -110,7 +113,8 @@ def workload_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Workload
         raise ValueError("--global_batch_size is required: sequences per optimizer step "
                          "over the whole job (e.g. 1536 for GPT-3 175B).")
     return Workload(model_flags.config_from_flags(flag_values=f), f.global_batch_size,
-                    precision=f.precision, schedule=f.schedule, recompute=f.recompute)
+                    precision=f.precision, schedule=f.schedule, recompute=f.recompute,
+                    reduce_dtype=f.reduce_dtype)
 
 
 def hardware_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Hardware:

@@ -73,7 +73,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
-                hw: Hardware) -> str | None:
+                hw: Hardware, reduce_dtype: str = "float32") -> str | None:
     """The `tfpar train` flags that run `dims`, or None if tfpar cannot.
 
     The degree flags are `ParallelDims.flags()`, so the plan and the runtime
@@ -91,6 +91,8 @@ def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
         per_step *= microbatches
     elif microbatches > 1:
         extra.append(f"--grad_accum_steps={microbatches}")
+    if reduce_dtype != "float32" and cost.compresses_gradients(dims) and dims.dp > 1:
+        extra.append(f"--reduce_dtype={reduce_dtype}")
     return " ".join(dims.flags() + [f"--global_batch_size={per_step}"] + extra)
 
 
@@ -130,7 +132,7 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                                       for z in (1, 2, 3)] if d > 1 and p == 1 else [])
                 for dims in variants:
                     mem = cost.memory(work, dims, b)
-                    flags = tfpar_flags(dims, b, m, hw)
+                    flags = tfpar_flags(dims, b, m, hw, work.reduce_dtype)
                     if runnable_only and flags is None:
                         continue
                     candidates.append(Candidate(dims, b, m, mem, cost.step(work, dims, b, hw),

@@ -147,6 +147,13 @@ class StrategyBase:
         }
 
 
+def ring_all_reduce_bytes(payload: float, devices: int) -> float:
+    """Bytes each device sends to all-reduce `payload` bytes over `devices` in a
+    ring: 2(n-1)/n of it (reduce-scatter, then all-gather). `tfpar plan`
+    prices data-parallel gradients with this too."""
+    return 0.0 if devices <= 1 else 2 * (devices - 1) / devices * payload
+
+
 def _full_bytes(variable) -> int:
     return int(np.prod(variable.shape)) * np.dtype(_dtype_name(variable)).itemsize
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 from typing import Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfpar import compat
 from tfpar.parallel_dims import ParallelDims
 from tfpar.cluster import Cluster, ClusterConfigError, discover, wait_until_resolvable
 from tfpar.devices import DeviceConfigError, local_devices
-from tfpar.strategies.base import StrategyBase
+from tfpar.strategies.base import StrategyBase, ring_all_reduce_bytes
 
 log = logging.getLogger("tfpar")
 
@@ -45,8 +46,38 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
 DEFAULT_REGISTER_TIMEOUT_S = 300.0
 
 
+REDUCE_DTYPES = ("bfloat16", "float16")
+
+
 class _TFDistribute(StrategyBase):
-    """The interface answers of a `tf.distribute` strategy (all replicas hold the model)."""
+    """The interface answers of a `tf.distribute` strategy (all replicas hold the model).
+
+    `reduce_dtype` ("bfloat16", "float16" or None): the dtype gradients are
+    all-reduced in. The float32 gradients are cast before the all-reduce and
+    back after it, before clipping and the update (Horovod's compression,
+    Megatron's bf16 gradient reduction): half the bytes on the wire, and each
+    gradient element rounded to 16 bits (bfloat16: 8 significant bits, a
+    relative error up to 2^-8 per rounding, float16: 11 bits but overflow above
+    65504). Applied in `tfpar.compat.reduce_before_apply`.
+    """
+
+    reduce_dtype: str | None = None
+
+    def _set_reduce_dtype(self, reduce_dtype: str | None) -> None:
+        if reduce_dtype not in (None, *REDUCE_DTYPES):
+            raise ValueError(f"{type(self).__name__}(reduce_dtype={reduce_dtype!r}): use one "
+                             f"of {list(REDUCE_DTYPES)}, or None for the variables' dtype.")
+        self.reduce_dtype = reduce_dtype
+
+    def communication_report(self, model) -> dict:
+        """Bytes one device sends per optimizer step for the gradient all-reduce
+        (a ring all-reduce sends 2(n-1)/n of the payload), and the dtype."""
+        n = self.num_replicas_in_sync
+        payload = sum(int(np.prod(v.shape)) * _itemsize(self.reduce_dtype or v.dtype)
+                      for v in model.trainable_weights)
+        return {"reduce_dtype": self.reduce_dtype or "float32",
+                "gradient_bytes_per_step": payload,
+                "gradient_wire_bytes_per_device": ring_all_reduce_bytes(payload, n)}
 
     @property
     def dims(self) -> ParallelDims:
@@ -87,6 +118,8 @@ class DataParallel(_TFDistribute, tf.distribute.MirroredStrategy):
       all_reduce: "auto" (NCCL between GPUs, TensorFlow's choice otherwise),
         "nccl", "hierarchical_copy" (GPUs without NVLink/NCCL) or
         "reduce_to_one" (reduce on one device, then broadcast).
+      reduce_dtype: "bfloat16" or "float16" to all-reduce gradients in 16 bits
+        (see `_TFDistribute`); None: in the variables' dtype.
 
     Example::
 
@@ -97,8 +130,10 @@ class DataParallel(_TFDistribute, tf.distribute.MirroredStrategy):
 
     kind = "data"
 
-    def __init__(self, devices: Sequence[str] | None = None, all_reduce: str = "auto"):
+    def __init__(self, devices: Sequence[str] | None = None, all_reduce: str = "auto",
+                 reduce_dtype: str | None = None):
         compat.apply_keras_fixes()
+        self._set_reduce_dtype(reduce_dtype)
         if all_reduce not in ALL_REDUCE_LOCAL:
             raise ValueError(
                 f"DataParallel(all_reduce={all_reduce!r}): use one of "
@@ -151,6 +186,7 @@ class MultiWorker(_TFDistribute, tf.distribute.MultiWorkerMirroredStrategy):
       register_timeout_s: fail at start-up if not every worker has joined
         within this many seconds (a worker that never starts would otherwise
         hang the rest in this constructor).
+      reduce_dtype: "bfloat16" or "float16" to all-reduce gradients in 16 bits.
 
     Must be created at the start of the program, before TensorFlow runs any
     op: it starts this process's gRPC server and joins the cluster.
@@ -171,8 +207,10 @@ class MultiWorker(_TFDistribute, tf.distribute.MultiWorkerMirroredStrategy):
         collective_timeout_s: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
         heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
         register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S,
+        reduce_dtype: str | None = None,
     ):
         compat.apply_keras_fixes()
+        self._set_reduce_dtype(reduce_dtype)
         if communication not in COMMUNICATION:
             raise ValueError(
                 f"MultiWorker(communication={communication!r}): use one of "
@@ -258,5 +296,10 @@ class MultiWorker(_TFDistribute, tf.distribute.MultiWorkerMirroredStrategy):
     def describe(self) -> dict:
         info = super().describe()
         info["cluster"] = self.cluster.to_tf_config()
+        info["reduce_dtype"] = self.reduce_dtype
         info["timeouts"] = dict(self.timeouts)
         return info
+
+
+def _itemsize(dtype) -> int:
+    return tf.as_dtype(dtype).size

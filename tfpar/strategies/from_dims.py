@@ -29,7 +29,7 @@ _RUNS = {"one_device": (), "data": (), "multi_worker": (), "tensor": ("tp",),
 
 def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts="megatron",
           split_points=None, all_reduce: str = "auto", num_local_devices: int | None = None,
-          multi_worker: dict | None = None):
+          multi_worker: dict | None = None, reduce_dtype: str | None = None):
     """Builds the tfpar strategy that runs `dims`.
 
     Args:
@@ -44,6 +44,7 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
       all_reduce: `DataParallel`'s all-reduce, or `MultiWorker`'s communication.
       num_local_devices: devices per process of a multi-client mesh (CPU).
       multi_worker: further `MultiWorker` arguments (timeouts, pack_bytes).
+      reduce_dtype: `DataParallel`'s and `MultiWorker`'s gradient all-reduce dtype.
 
     Raises ParallelDimsError when the degrees do not fit the devices, or
     when this release cannot run them.
@@ -61,17 +62,23 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
         raise ParallelDimsError(
             f"the {kind} strategy cannot run {dims} ({', '.join(extra) or f'dp={dims.dp}'}); "
             f"these degrees run as {default}.")
+    if reduce_dtype is not None and kind not in ("data", "multi_worker"):
+        raise ParallelDimsError(
+            f"reduce_dtype={reduce_dtype!r} compresses the gradient all-reduce of the data and "
+            f"multi_worker strategies; {kind} ({dims}) reduces gradients inside its step. "
+            "Leave it out, or use data parallelism.")
     if kind == "one_device":
         return strategies.OneDevice()
     if kind == "data":
         devices = local_devices()
         if dims.dp > len(devices):
             dims.validate(len(devices))
-        return strategies.DataParallel(devices=devices[:dims.dp], all_reduce=all_reduce)
+        return strategies.DataParallel(devices=devices[:dims.dp], all_reduce=all_reduce,
+                                       reduce_dtype=reduce_dtype)
     if kind == "multi_worker":
         strategy = strategies.MultiWorker(
             cluster=cluster, communication="auto" if all_reduce == "auto" else all_reduce,
-            **(multi_worker or {}))
+            reduce_dtype=reduce_dtype, **(multi_worker or {}))
         if dims.dp > 1 and strategy.num_replicas_in_sync != dims.dp:
             raise ParallelDimsError(
                 f"dp={dims.dp}, but the cluster has {strategy.num_replicas_in_sync} replicas "

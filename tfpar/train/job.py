@@ -327,6 +327,8 @@ def run(config: TrainConfig, strategy) -> dict:
         "precision": keras.config.dtype_policy().name, "recompute": config.recompute,
         "memory": memory,
     }
+    if hasattr(strategy, "communication_report"):
+        summary["communication"] = strategy.communication_report(model)
     if writer:
         _write_outputs(config, shape, tokenizer, weights, state, summary)
     return summary
