@@ -187,7 +187,10 @@ CLI_CASES = {
     "dp not a number": Cli("train --dp=two", "'two'", "int"),
     "dp zero": Cli("train --dp=0", "--dp=0", ">= 1"),
     "tp negative": Cli("info --tp=-2", "--tp=-2", ">= 1"),
-    "hsdp unsupported": Cli("train --fsdp=2 --dp=2", "dp=2 x fsdp=2", "--fsdp=4"),
+    "hsdp below stage 3": Cli("train --fsdp=2 --dp=2 --zero_stage=2", "dp=2 x fsdp=2",
+                              "--zero_stage=3"),
+    "hsdp with recompute": Cli("train --fsdp=2 --dp=2 --recompute=full --num_simulated_devices=4",
+                               "--recompute=full", "--recompute=none", at_parse=False),
     "fsdp x pp unsupported": Cli("info --fsdp=2 --pp=2", "fsdp=2, pp=2", "--pp with --dp"),
     "zero stage unknown": Cli("train --fsdp=2 --zero_stage=4", "--zero_stage=4", "2 (+ gradients)"),
     "zero stage without fsdp": Cli("info --zero_stage=2", "--zero_stage=2", "add --fsdp=N"),
@@ -430,9 +433,9 @@ LIBRARY_CASES = {
     "ParallelDims product mismatch": Lib(
         lambda: ParallelDims(dp=2, tp=2).validate(8), ParallelDimsError,
         "data 2 x sharded data 1 x tensor 2", "--dp=4"),
-    "ParallelDims hsdp unsupported": Lib(
-        lambda: ParallelDims(dp=2, fsdp=2).check_runnable(), ParallelDimsError, "dp=2 x fsdp=2",
-        "--fsdp=4"),
+    "ParallelDims hsdp with tp": Lib(
+        lambda: ParallelDims(dp=2, fsdp=2, tp=2).check_runnable(), ParallelDimsError,
+        "dp=2 x fsdp=2", "without --tp"),
     "ParallelDims zero stage": Lib(lambda: ParallelDims(fsdp=2, zero_stage=0), ParallelDimsError,
                                    "zero_stage=0", "3 (+ weights, FSDP)"),
     "ShardedDataParallel zero stage": Lib(

@@ -1,4 +1,4 @@
-"""Sharded data parallelism (ZeRO-1/2/3, FSDP x TP): the exact training, a share of the bytes.
+"""Sharded data parallelism (ZeRO-1/2/3, FSDP x TP, HSDP): the exact training, a share of the bytes.
 
 In-process (4 simulated devices): ZeRO-3 against the exact single-device
 run, and each stage's bytes against the ideal and `tfpar plan`'s model. In
@@ -88,9 +88,13 @@ def test_every_sharded_layout_with_and_without_recomputation_matches_one_device(
     result = run([sys.executable, str(WORKERS / "zero_equivalence.py")], timeout=600,
                  check=True)
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == 8, rows
+    assert len(rows) == 10, rows
+    assert "recomputation under HSDP" in rows.pop("hsdp2x2 full")["refused"]
     for name, row in rows.items():
-        assert row["max_abs_diff"] <= TOLERANCE, (name, row["max_abs_diff"])
+        assert row["max_abs_diff"] <= TOLERANCE, (name, row)
+    # HSDP: sharded within each pair of devices, replicated across the pairs.
+    hsdp = rows["hsdp2x2 none"]
+    assert hsdp["parameter_bytes_per_device"] == hsdp["parameter_bytes_total"] / 2
     # FSDP x TP: each weight split over both axes, about a quarter per device.
     both = rows["fsdp2xtp2 none"]
     assert both["parameter_bytes_per_device"] <= 0.3 * both["parameter_bytes_total"]
@@ -127,3 +131,23 @@ def test_sharded_strategy_from_the_degree_flags():
     assert isinstance(strategy, tfpar.ShardedDataParallel)
     assert strategy.mesh_shape == {"batch": 2, "model": 2} and strategy.zero_stage == 2
     assert strategy.layouts == "megatron"
+
+
+@pytest.mark.multiprocess
+def test_two_processes_shard_one_zero3_mesh_and_match_one_device(tmp_path):
+    """`tfpar launch` gives each process its DTENSOR_* client: the 4-way ZeRO-3
+    mesh spans 2 processes x 2 devices, each feeding its half of every batch."""
+    from conftest import tfpar_cli, worker_command
+
+    reference = tmp_path / "ref"
+    run(worker_command("--strategy=one_device", f"--out={reference}"), check=True)
+    out = tmp_path / "zero3"
+    result = tfpar_cli("launch", "--nproc", "2", "--", *worker_command(
+        "--fsdp=4", "--zero_stage=3", "--num_simulated_devices=2", f"--out={out}"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    expected = np.load(f"{reference}.rank0.npz")
+    for rank in range(2):
+        got = np.load(f"{out}.rank{rank}.npz")
+        assert max(float(np.max(np.abs(expected[k] - got[k]))) for k in expected) <= TOLERANCE
+    report = json.load(open(f"{out}.rank0.json"))
+    assert report == {**report, "steps": 24, "workers": 2, "replicas": 4, "strategy": "sharded"}

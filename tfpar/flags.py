@@ -244,7 +244,7 @@ def define_strategy_flags(fv: flags.FlagValues) -> None:
     for name in DEGREES:
         register(name, _degree(name))
     register_multi(["strategy", "zero_stage", "fsdp"], _zero_stage_fits)
-    register_multi(list(DEGREES), _runnable_degrees)
+    register_multi([*DEGREES, "zero_stage"], _runnable_degrees)
     register_multi(["global_batch_size", "per_replica_batch_size"], _one_batch_size)
     register_multi(["strategy", "worker_hosts", "chief_host", "task_type", "task_index"],
                    _cluster_hosts)
@@ -322,7 +322,8 @@ def _degree(name):
 
 def _runnable_degrees(f) -> bool:
     given = {k: f[k] for k in DEGREES if f[k] is not None and f[k] >= 1}
-    reason = ParallelDims(**given).unsupported()
+    stage = f["zero_stage"] if f["zero_stage"] in ZERO_STAGES else 3
+    reason = ParallelDims(**given, zero_stage=stage).unsupported()
     return _check(reason is None, f"{' '.join(f'--{k}={v}' for k, v in given.items())}: "
                                   f"{reason}.")
 
@@ -450,7 +451,7 @@ def _all_reduce_fits_strategy(f) -> bool:
 
 # The degrees each --strategy leaves off (1); the others it leaves to the
 # devices or to the other flags.
-_STRATEGY_OFF = {"one_device": DEGREES, "data": ("fsdp", "tp", "pp"), "sharded": ("dp", "pp"),
+_STRATEGY_OFF = {"one_device": DEGREES, "data": ("fsdp", "tp", "pp"), "sharded": ("pp",),
                  "multi_worker": ("fsdp", "tp", "pp"), "tensor": ("fsdp", "pp"),
                  "pipeline": ("fsdp", "tp")}
 
@@ -599,7 +600,8 @@ def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
     if name == "data" and "dp" not in fixed:
         degrees["dp"] = _local_device_count(f)
     elif name == "sharded" and "fsdp" not in fixed:
-        degrees["fsdp"] = max(1, _local_device_count(f) * num_clients() // degrees["tp"])
+        degrees["fsdp"] = max(1, _local_device_count(f) * num_clients()
+                              // (degrees["tp"] * degrees["dp"]))
     elif name == "tensor" and "tp" not in fixed:
         degrees["tp"] = max(1, _local_device_count(f) * num_clients() // degrees["dp"])
     elif name == "pipeline" and "pp" not in fixed:

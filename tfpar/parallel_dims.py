@@ -160,10 +160,11 @@ class ParallelDims:
             return (f"sharded data parallelism with a pipeline (fsdp={self.fsdp}, "
                     f"pp={self.pp}) is not available in this tfpar release; use --fsdp "
                     "(with --tp), or --pp with --dp")
-        if self.fsdp_enabled and self.dp_enabled:
-            return (f"replicas of sharded groups (dp={self.dp} x fsdp={self.fsdp}, HSDP) are "
-                    "not available in this tfpar release; shard over every device instead "
-                    f"(--fsdp={self.dp * self.fsdp})")
+        if self.fsdp_enabled and self.dp_enabled and (self.tp_enabled or self.zero_stage < 3):
+            return (f"replicas of sharded groups (dp={self.dp} x fsdp={self.fsdp}, HSDP) run "
+                    f"at ZeRO stage 3 without tensor parallelism, not with zero_stage="
+                    f"{self.zero_stage}, tp={self.tp}; use --zero_stage=3 without --tp, or "
+                    f"shard over every device (--fsdp={self.dp * self.fsdp})")
         if self.tp_enabled and self.pp_enabled:
             return (f"tensor x pipeline parallelism (tp={self.tp}, pp={self.pp}) in one job is "
                     "not available in this tfpar release; use --tp or --pp (with --dp)")

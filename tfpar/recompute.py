@@ -49,8 +49,30 @@ def check(mode: str, dropout: float = 0.0) -> str:
     return mode
 
 
+def unsupported_by(strategy, mode: str) -> str | None:
+    """Why `strategy` cannot recompute (mode other than "none"), or None.
+
+    HSDP (`ShardedDataParallel` with dp > 1) keeps its weights on a second
+    DTensor mesh; `tf.recompute_grad` routes the gradients of the variables a
+    block reads through one IdentityN op together with the block's outputs,
+    and DTensor refuses an op whose inputs live on two meshes ("All inputs to
+    `tf_device.Cluster` must have same mesh configuration").
+    """
+    if mode == "none" or getattr(strategy, "storage_mesh", None) is None:
+        return None
+    return ("recomputation under HSDP (dp x fsdp) is not available in this tfpar release "
+            "(its weights live on a second DTensor mesh, which tf.recompute_grad cannot "
+            "route gradients to); use --recompute=none, or shard over every device "
+            "(--fsdp without --dp) to recompute")
+
+
 def wrap(fn):
     """`fn(x) -> y`, computed again in the backward pass instead of keeping its activations."""
     import keras
 
+    from tfpar.strategies import registry
+
+    reason = unsupported_by(registry.current(), "full")
+    if reason:
+        raise RecomputeError(reason + ".")
     return keras.remat(fn)

@@ -1,6 +1,7 @@
 """Prints one JSON line: max |dw| from the exact single-device run for each
-sharded layout (ZeRO-1/2/3 on 4 devices, FSDP 2 x TP 2), with recomputation
-off and on, after 12 AdamW steps of a GPT; and the bytes each keeps.
+sharded layout (ZeRO-1/2/3 on 4 devices, FSDP 2 x TP 2, HSDP 2 x 2), with
+recomputation off and on, after 12 AdamW steps of a GPT; and the bytes each
+keeps. A layout that refuses recomputation (HSDP) reports the refusal.
 
 One process for the whole matrix (tests/test_sharded.py runs it): the
 in-process part of the suite stays fast.
@@ -21,7 +22,9 @@ from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients  # noqa:
 
 STEPS, BATCH = 12, 16
 SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=2, vocab=64, seq_len=16)
-LAYOUTS = {"zero1": (4, 1, 1), "zero2": (4, 1, 2), "zero3": (4, 1, 3), "fsdp2xtp2": (2, 2, 3)}
+# name: (fsdp, tp, zero stage, dp)
+LAYOUTS = {"zero1": (4, 1, 1, 1), "zero2": (4, 1, 2, 1), "zero3": (4, 1, 3, 1),
+           "fsdp2xtp2": (2, 2, 3, 1), "hsdp2x2": (2, 1, 3, 2)}
 
 
 def train(strategy, recompute):
@@ -41,10 +44,14 @@ def main():
     tfpar.simulate_devices(4)
     exact = train(tfpar.OneDevice(), "none")
     rows = {}
-    for name, (fsdp, tp, stage) in LAYOUTS.items():
+    for name, (fsdp, tp, stage, dp) in LAYOUTS.items():
         for recompute in ("none", "full"):
-            strategy = tfpar.ShardedDataParallel(fsdp=fsdp, zero_stage=stage, tp=tp)
-            model = train(strategy, recompute)
+            strategy = tfpar.ShardedDataParallel(fsdp=fsdp, zero_stage=stage, tp=tp, dp=dp)
+            try:
+                model = train(strategy, recompute)
+            except ValueError as e:  # RecomputeError, through Keras's layer-call wrapper
+                rows[f"{name} {recompute}"] = {"refused": str(e)}
+                continue
             rows[f"{name} {recompute}"] = {"max_abs_diff": max_abs_diff(exact, model),
                                            **strategy.memory_report(model)}
     print(json.dumps(rows))

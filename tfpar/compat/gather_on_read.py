@@ -64,7 +64,11 @@ def _patched_value(upstream):
             return read
         from tfpar.strategies import registry
 
-        axis = getattr(registry.current(), "batch_axis", None)
+        strategy = registry.current()
+        storage = getattr(strategy, "storage_mesh", None)
+        if storage is not None and layout.mesh == storage:
+            return _gathered_across(read, layout, strategy.mesh)
+        axis = getattr(strategy, "batch_axis", None)
         target = _gathered(layout, axis) if axis is not None else None
         if target is None:
             return read
@@ -72,6 +76,26 @@ def _patched_value(upstream):
 
     value._tfpar_upstream = upstream
     return property(value)
+
+
+def _gathered_across(read, layout: dtensor.Layout, compute: dtensor.Mesh):
+    """A weight stored on another mesh over the same devices (HSDP's, sharded
+    within groups): gathered there, then copied whole to the compute mesh. Only
+    replicated tensors cross meshes; the gradient comes back the same way (a
+    copy, then each device's slice)."""
+    rank = layout.rank
+    anchor = _current_input()
+    if anchor is not None and anchor.shape.rank:
+        zero = dtensor.copy_to_mesh(_zero_after(anchor), dtensor.Layout.replicated(layout.mesh, 0))
+        read = read + tf.cast(zero, read.dtype)
+    full = dtensor.relayout(read, dtensor.Layout.replicated(layout.mesh, rank))
+    return dtensor.copy_to_mesh(full, dtensor.Layout.replicated(compute, rank))
+
+
+def _zero_after(anchor):
+    """An exact 0.0 that depends on `anchor` (see `_after`)."""
+    element = tf.reduce_min(tf.stop_gradient(anchor)[..., :1])
+    return tf.where(tf.equal(element, element), 0.0, float("nan"))
 
 
 def _current_input():
@@ -88,9 +112,7 @@ def _after(value, anchor):
     """
     if anchor is None or anchor.shape.rank is None or anchor.shape.rank == 0:
         return value
-    element = tf.reduce_min(tf.stop_gradient(anchor)[..., :1])
-    zero = tf.where(tf.equal(element, element), 0.0, float("nan"))
-    return value + tf.cast(zero, value.dtype)
+    return value + tf.cast(_zero_after(anchor), value.dtype)
 
 
 def _first_tensor(args):

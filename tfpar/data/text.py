@@ -305,8 +305,12 @@ def lm_windows(documents: tf.data.Dataset, tokenizer: Tokenizer, seq_len: int,
         n = tf.shape(tokens)[0] // width
         return tf.data.Dataset.from_tensor_slices(tf.reshape(tokens[: n * width], [n, width]))
 
+    # A tokenizer's encode is graph code already: autograph would re-read its source
+    # file, which a test suite that rewrites or edits modules can make stale (it
+    # then converts whatever function now sits at those lines).
+    encode = tf.autograph.experimental.do_not_convert(tokenizer.encode)
     windows = (documents
-               .map(tokenizer.encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                .ragged_batch(PACK_DOCUMENTS)
                .map(lambda group: group.flat_values)
                .flat_map(cut))

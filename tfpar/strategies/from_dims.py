@@ -12,9 +12,9 @@ Which strategy runs which degrees:
 | dp (one process) | `DataParallel` over dp local devices |
 | dp (a cluster) | `MultiWorker`: dp is every replica of every worker |
 | tp (x dp) | `TensorParallel` on the mesh "batch:dp,model:tp" |
-| fsdp (x tp) | `ShardedDataParallel` (ZeRO-`zero_stage`) on "batch:fsdp,model:tp" |
+| fsdp (x tp, or x dp: HSDP) | `ShardedDataParallel` (ZeRO-`zero_stage`) on "batch:dp*fsdp,model:tp" |
 | pp (x dp) | `Pipeline` with pp stages and dp replicas |
-| fsdp x dp, fsdp x pp, tp x pp | refused: not in this release (`ParallelDims.unsupported`) |
+| fsdp x pp, tp x pp | refused: not in this release (`ParallelDims.unsupported`) |
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
         return strategy
     if kind == "sharded":
         return strategies.ShardedDataParallel(
-            dims.fsdp, dims.zero_stage, tp=dims.tp,
+            dims.fsdp, dims.zero_stage, dp=dims.dp, tp=dims.tp,
             layout_map=layouts if dims.tp > 1 else "replicated",
             num_local_devices=num_local_devices)
     if kind == "tensor":

@@ -34,6 +34,16 @@ Weights whose dimensions do not divide by N (small biases, LayerNorms of odd
 width) stay replicated, as in DeepSpeed's and FSDP's padding-free modes;
 `memory_report` counts them as they are.
 
+With `dp > 1` (HSDP, stage 3 only): the weights and the optimizer state are
+sharded within groups of `fsdp` consecutive devices and replicated across
+the `dp` groups, as torchtitan's and FSDP2's hybrid sharding does. DTensor
+lays one tensor dimension over one mesh axis, so the batch (split over all
+dp x fsdp devices) and the state (split over fsdp of them) cannot share a
+mesh: the state lives on a second mesh over the same devices,
+"replica:dp,shard:fsdp" (`storage_mesh`), where a layer's read gathers it
+within its group before it is copied, whole, to the compute mesh; the
+gradient returns the same way and the optimizer updates each shard there.
+
 With `tp > 1` the mesh also has a "model" axis: the LayoutMap's tensor
 parallel split (Megatron by default) and the ZeRO split on the batch axis
 combine on different dimensions of the same weight (FSDP x TP, the 2-D
@@ -60,6 +70,7 @@ from tensorflow.experimental import dtensor
 
 from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 from tfpar.strategies.base import _dtype_name
+from tfpar.strategies.tensor.mesh import build_mesh
 from tfpar.strategies.tensor.tensor_parallel import TensorParallel
 
 ZERO_STAGES = (1, 2, 3)
@@ -69,9 +80,11 @@ class ShardedDataParallel(TensorParallel):
     """Data parallelism with the optimizer state, gradients and weights split (ZeRO/FSDP).
 
     Args:
-      fsdp: devices that split each batch and the sharded state (default:
-        every local device, divided by `tp`).
+      fsdp: devices that split the sharded state (and each batch; default:
+        every local device, divided by `tp` and `dp`).
       zero_stage: 1 (optimizer state), 2 (+ gradients) or 3 (+ weights: FSDP).
+      dp: replicas of the sharded group (HSDP; stage 3, tp 1): each batch is
+        split over dp x fsdp devices.
       tp: tensor-parallel degree (the mesh's "model" axis), for FSDP x TP.
       layout_map: the tensor-parallel LayoutMap or preset; default "megatron"
         when tp > 1, else "replicated". A LayoutMap that already uses the
@@ -81,8 +94,8 @@ class ShardedDataParallel(TensorParallel):
 
     kind = "sharded"
 
-    def __init__(self, fsdp: int | None = None, zero_stage: int = 3, *, tp: int = 1,
-                 layout_map=None, num_local_devices: int | None = None):
+    def __init__(self, fsdp: int | None = None, zero_stage: int = 3, *, dp: int = 1,
+                 tp: int = 1, layout_map=None, num_local_devices: int | None = None):
         if zero_stage not in ZERO_STAGES:
             raise ParallelDimsError(
                 f"zero_stage={zero_stage!r}: use 1 (optimizer state sharded), 2 (+ gradients) "
@@ -91,17 +104,22 @@ class ShardedDataParallel(TensorParallel):
             from tfpar.devices import local_devices
             from tfpar.strategies.tensor.mesh import num_clients
 
-            fsdp = max(1, len(local_devices()) * num_clients() // tp)
-        ParallelDims(fsdp=fsdp, tp=tp, zero_stage=zero_stage)  # validates the degrees
+            fsdp = max(1, len(local_devices()) * num_clients() // (tp * dp))
+        ParallelDims(dp=dp, fsdp=fsdp, tp=tp, zero_stage=zero_stage).check_runnable()
         self.zero_stage = zero_stage
-        super().__init__(f"batch:{fsdp},model:{tp}",
+        self.replicas = dp
+        super().__init__(f"batch:{dp * fsdp},model:{tp}",
                          layout_map or ("megatron" if tp > 1 else "replicated"),
                          num_local_devices=num_local_devices)
+        # HSDP's second mesh, over the same devices in the same order: group r
+        # holds devices r*fsdp ... r*fsdp + fsdp - 1 (consecutive: one node).
+        self.storage_mesh = build_mesh(("replica", "shard"), (dp, fsdp),
+                                       num_local_devices=num_local_devices) if dp > 1 else None
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(fsdp=self.num_replicas_in_sync, tp=self.mesh_shape["model"],
-                            zero_stage=self.zero_stage)
+        return ParallelDims(dp=self.replicas, fsdp=self.num_replicas_in_sync // self.replicas,
+                            tp=self.mesh_shape["model"], zero_stage=self.zero_stage)
 
     def describe(self) -> dict:
         return super().describe() | {"zero_stage": self.zero_stage}
@@ -127,7 +145,19 @@ class ShardedDataParallel(TensorParallel):
         """Stage 3 stores trainable weights sharded; stages 1-2 shard only the
         optimizer slots (a slot arrives with its variable's layout)."""
         is_slot = isinstance(keras_variable._layout, dtensor.Layout)
+        if self.storage_mesh is not None and not is_slot and (
+                keras_variable.trainable or _creating_optimizer_variable()):
+            # HSDP: the weights, and every optimizer variable (their update must
+            # not mix meshes), live on the storage mesh; slots follow their weight.
+            layout = self._storage_layout(shape, shard=keras_variable.trainable)
+            keras_variable._layout = layout
+            self.variables[keras_variable.path] = (
+                tuple(int(d) for d in shape),
+                tuple(None if s == dtensor.UNSHARDED else s for s in layout.sharding_specs))
+            return layout
         layout = super().variable_layout(keras_variable, shape)
+        if self.storage_mesh is not None:
+            return layout
         if is_slot or (self.zero_stage == 3 and keras_variable.trainable):
             layout = self.sharded(layout, shape)
             keras_variable._layout = layout
@@ -136,10 +166,22 @@ class ShardedDataParallel(TensorParallel):
                 tuple(None if s == dtensor.UNSHARDED else s for s in layout.sharding_specs))
         return layout
 
+    def _storage_layout(self, shape, shard: bool) -> dtensor.Layout:
+        """HSDP: replicated over the groups, split within one on the largest
+        dimension that divides by fsdp (or whole, when none does or `shard` is off)."""
+        n = self.storage_mesh.dim_size("shard")
+        specs = [dtensor.UNSHARDED] * len(shape)
+        free = [i for i, d in enumerate(shape) if int(d) % n == 0 and int(d) >= n]
+        if shard and free:
+            specs[max(free, key=lambda i: (int(shape[i]), -i))] = "shard"
+        return dtensor.Layout(specs, self.storage_mesh)
+
     def gradient_layout(self, variable) -> dtensor.Layout:
         """Where the gradient of `variable` lives for the update: its shard from
         stage 2 on, else the variable's own layout."""
         layout = variable._layout  # set when the variable was created on the mesh
+        if self.storage_mesh is not None and layout.mesh == self.storage_mesh:
+            return layout
         if self.zero_stage >= 2:
             return self.sharded(layout, variable.shape)
         return layout
@@ -156,8 +198,17 @@ class ShardedDataParallel(TensorParallel):
         report = super().memory_report(model)
         report["gradient_bytes_per_device"] = sum(
             _local_bytes(self.gradient_layout(v), v) for v in model.trainable_weights)
-        return report | {"zero_stage": self.zero_stage,
-                         "fsdp": self.num_replicas_in_sync}
+        return report | {"zero_stage": self.zero_stage, "fsdp": self.dims.fsdp,
+                         "dp": self.replicas}
+
+
+def _creating_optimizer_variable() -> bool:
+    """Whether the variable being created is an optimizer's (Keras creates them
+    in the optimizer's name scope, with the optimizer as its caller)."""
+    from keras.src.backend.common import global_state  # private, pinned
+
+    stack = global_state.get_global_attribute("name_scope_stack") or []
+    return any(isinstance(scope.caller, keras.optimizers.Optimizer) for scope in stack)
 
 
 def _local_bytes(layout: dtensor.Layout, variable) -> int:

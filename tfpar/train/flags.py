@@ -134,6 +134,9 @@ def config_from_flags(strategy, flag_values: flags.FlagValues = flags.FLAGS) -> 
     if f["vocab"].value is not None:
         raise TrainConfigError(_VOCAB_GIVEN.format(value=f["vocab"].value))
     values = {name: f[name].value for name in _FIELDS}
+    reason = recompute.unsupported_by(strategy, values.get("recompute", "none"))
+    if reason:
+        raise TrainConfigError(f"--recompute={values['recompute']}: {reason}.")
     return TrainConfig(**values, model=f.model or DEFAULTS.model,
                        global_batch_size=tfpar_flags.global_batch_size(
                            strategy, default=DEFAULTS.global_batch_size, flag_values=f))
