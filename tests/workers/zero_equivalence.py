@@ -22,9 +22,13 @@ from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients  # noqa:
 
 STEPS, BATCH = 12, 16
 SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=2, vocab=64, seq_len=16)
-# name: (fsdp, tp, zero stage, dp)
-LAYOUTS = {"zero1": (4, 1, 1, 1), "zero2": (4, 1, 2, 1), "zero3": (4, 1, 3, 1),
-           "fsdp2xtp2": (2, 2, 3, 1), "hsdp2x2": (2, 1, 3, 2)}
+# name: (fsdp, tp, zero stage, dp), recomputation modes. Recomputation changes
+# what ZeRO-3 gathers (again in the backward); under ZeRO-1/2 the weights are
+# whole and it runs as under TensorParallel (tests/test_recompute.py). ZeRO-3
+# without it runs in-process (tests/test_sharded.py).
+LAYOUTS = {"zero1": ((4, 1, 1, 1), ("none",)), "zero2": ((4, 1, 2, 1), ("none",)),
+           "zero3": ((4, 1, 3, 1), ("full",)), "fsdp2xtp2": ((2, 2, 3, 1), ("none", "full")),
+           "hsdp2x2": ((2, 1, 3, 2), ("none", "full"))}
 
 
 def train(strategy, recompute):
@@ -44,8 +48,8 @@ def main():
     tfpar.simulate_devices(4)
     exact = train(tfpar.OneDevice(), "none")
     rows = {}
-    for name, (fsdp, tp, stage, dp) in LAYOUTS.items():
-        for recompute in ("none", "full"):
+    for name, ((fsdp, tp, stage, dp), modes) in LAYOUTS.items():
+        for recompute in modes:
             strategy = tfpar.ShardedDataParallel(fsdp=fsdp, zero_stage=stage, tp=tp, dp=dp)
             try:
                 model = train(strategy, recompute)
