@@ -60,6 +60,26 @@ def worker_command(*flags):
     return [sys.executable, str(WORKERS / "mlp_worker.py"), *flags]
 
 
+def launched_mlp_diff(tmp_path, *flags, nproc=2) -> tuple[float, dict]:
+    """The MLP worker on one device, then under `tfpar launch --nproc` with `flags`:
+    (the largest weight difference of any rank from the one-device run, rank 0's report)."""
+    import json
+
+    import numpy as np
+
+    reference, out = tmp_path / "ref", tmp_path / "launched"
+    run(worker_command("--strategy=one_device", f"--out={reference}"), check=True)
+    result = tfpar_cli("launch", "--nproc", str(nproc), "--",
+                       *worker_command(*flags, f"--out={out}"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    expected = np.load(f"{reference}.rank0.npz")
+    diff = 0.0
+    for rank in range(nproc):
+        got = np.load(f"{out}.rank{rank}.npz")
+        diff = max(diff, max(float(np.max(np.abs(expected[k] - got[k]))) for k in expected))
+    return diff, json.load(open(f"{out}.rank0.json"))
+
+
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path

@@ -95,3 +95,21 @@ def max_abs_diff(a, b):
     b = b if isinstance(b, dict) else by_path(b)
     assert sorted(a) == sorted(b)
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if not k.endswith("key/bias"))
+
+
+def train_lm(strategy, shape, recompute="none", steps=12, batch=16):
+    """A GPT of `shape` trained `steps` AdamW steps under `strategy` on fixed random
+    tokens, with the exact (dense) Embedding update: the sharded tests' run."""
+    from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
+
+    tokens = np.random.RandomState(0).randint(
+        0, shape.vocab, size=(steps * batch, shape.seq_len + 1)).astype("int32")
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = tfpar.models.gpt(shape, recompute=recompute)
+        model.compile(optimizer=keras.optimizers.AdamW(LEARNING_RATE),
+                      loss=tfpar.models.lm_loss())
+        use_dense_gradients(model.optimizer)
+    model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=batch, epochs=1, shuffle=False,
+              verbose=0)
+    return model

@@ -10,15 +10,13 @@ import json
 import sys
 
 import keras
-import numpy as np
 import pytest
 
 import tfpar
 from conftest import WORKERS, run
-from consistency_cases import max_abs_diff
+from consistency_cases import max_abs_diff, train_lm
 from tfpar.parallel_dims import ParallelDims
 from tfpar.plan import cost
-from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
 
 STEPS, BATCH = 12, 16
 SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=2, vocab=64, seq_len=16)
@@ -26,16 +24,7 @@ TOLERANCE = 1e-5
 
 
 def train(strategy, recompute="none"):
-    tokens = np.random.RandomState(0).randint(
-        0, SHAPE.vocab, size=(STEPS * BATCH, SHAPE.seq_len + 1)).astype("int32")
-    with strategy.scope():
-        keras.utils.set_random_seed(0)
-        model = tfpar.models.gpt(SHAPE, recompute=recompute)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=tfpar.models.lm_loss())
-        use_dense_gradients(model.optimizer)
-    model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=BATCH, epochs=1, shuffle=False,
-              verbose=0)
-    return model
+    return train_lm(strategy, SHAPE, recompute, steps=STEPS, batch=BATCH)
 
 
 def ideal(stage: int, parameter_bytes: int, n: int) -> dict:
@@ -139,17 +128,9 @@ def test_sharded_strategy_from_the_degree_flags():
 def test_two_processes_shard_one_zero3_mesh_and_match_one_device(tmp_path):
     """`tfpar launch` gives each process its DTENSOR_* client: the 4-way ZeRO-3
     mesh spans 2 processes x 2 devices, each feeding its half of every batch."""
-    from conftest import tfpar_cli, worker_command
+    from conftest import launched_mlp_diff
 
-    reference = tmp_path / "ref"
-    run(worker_command("--strategy=one_device", f"--out={reference}"), check=True)
-    out = tmp_path / "zero3"
-    result = tfpar_cli("launch", "--nproc", "2", "--", *worker_command(
-        "--fsdp=4", "--zero_stage=3", "--num_simulated_devices=2", f"--out={out}"))
-    assert result.returncode == 0, result.stdout[-3000:]
-    expected = np.load(f"{reference}.rank0.npz")
-    for rank in range(2):
-        got = np.load(f"{out}.rank{rank}.npz")
-        assert max(float(np.max(np.abs(expected[k] - got[k]))) for k in expected) <= TOLERANCE
-    report = json.load(open(f"{out}.rank0.json"))
+    diff, report = launched_mlp_diff(tmp_path, "--fsdp=4", "--zero_stage=3",
+                                     "--num_simulated_devices=2")
+    assert diff <= TOLERANCE
     assert report == {**report, "steps": 24, "workers": 2, "replicas": 4, "strategy": "sharded"}

@@ -308,23 +308,11 @@ def test_batch_that_does_not_split_over_the_batch_axis_is_refused():
 @pytest.mark.multiprocess
 def test_two_processes_form_one_2x2_mesh_and_match_one_device(tmp_path):
     """tfpar launch sets DTENSOR_*; each process feeds its half of every global batch."""
-    import sys
+    from conftest import launched_mlp_diff
 
-    from conftest import run, tfpar_cli, worker_command
-
-    reference_out = tmp_path / "ref"
-    run(worker_command("--strategy=one_device", f"--out={reference_out}"), check=True)
-    out = tmp_path / "tp"
-    result = tfpar_cli("launch", "--nproc", "2", "--", *worker_command(
-        "--strategy=tensor", "--mesh=batch:2,model:2", "--num_simulated_devices=2", f"--out={out}"))
-    assert result.returncode == 0, result.stdout[-3000:]
-    expected = np.load(f"{reference_out}.rank0.npz")
-    for rank in range(2):
-        got = np.load(f"{out}.rank{rank}.npz")
-        assert max(float(np.max(np.abs(expected[k] - got[k]))) for k in expected) <= 1e-5
-    import json
-
-    report = json.load(open(f"{out}.rank0.json"))
+    diff, report = launched_mlp_diff(tmp_path, "--strategy=tensor", "--mesh=batch:2,model:2",
+                                     "--num_simulated_devices=2")
+    assert diff <= 1e-5
     assert report == {**report, "steps": 24, "workers": 2, "replicas": 2, "strategy": "tensor"}
 
 

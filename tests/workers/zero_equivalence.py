@@ -11,14 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-import keras
-import numpy as np
-
 import tfpar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from consistency_cases import max_abs_diff  # noqa: E402
-from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients  # noqa: E402
+from consistency_cases import max_abs_diff, train_lm  # noqa: E402
 
 STEPS, BATCH = 12, 16
 SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=2, vocab=64, seq_len=16)
@@ -32,16 +28,7 @@ LAYOUTS = {"zero1": ((4, 1, 1, 1), ("none",)), "zero2": ((4, 1, 2, 1), ("none",)
 
 
 def train(strategy, recompute):
-    tokens = np.random.RandomState(0).randint(
-        0, SHAPE.vocab, size=(STEPS * BATCH, SHAPE.seq_len + 1)).astype("int32")
-    with strategy.scope():
-        keras.utils.set_random_seed(0)
-        model = tfpar.models.gpt(SHAPE, recompute=recompute)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=tfpar.models.lm_loss())
-        use_dense_gradients(model.optimizer)
-    model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=BATCH, epochs=1, shuffle=False,
-              verbose=0)
-    return model
+    return train_lm(strategy, SHAPE, recompute, steps=STEPS, batch=BATCH)
 
 
 def main():
