@@ -85,6 +85,11 @@ def launch(out, data_dir, *flags, trace=None, timeout=150):
     return process.returncode, output
 
 
+# The coordination service's heartbeat timeout under DTensor multi-client
+# (TensorFlow's default: dtensor.initialize_accelerator_system sets none).
+HEARTBEAT_TIMEOUT_S = 10
+
+
 class Clients:
     """The 2 clients started by hand, as Kubernetes starts 2 pods: each its own
     TF_CONFIG (tfpar train derives DTENSOR_* from it), each signalled alone."""
@@ -273,7 +278,7 @@ def test_sigterm_to_client_1_alone_stops_both_at_the_same_step_with_210(data_dir
     assert [PREEMPTED_AT.findall(clients.output(rank)) for rank in range(2)] == [[step], [step]]
 
 
-def test_a_client_killed_mid_training_makes_the_other_exit_211_at_once(data_dir, tmp_path):
+def test_a_client_killed_mid_training_makes_the_other_exit_211_within_the_heartbeat_bound(data_dir, tmp_path):
     clients = Clients(tmp_path / "out", data_dir, "--train_steps=24")
     try:
         clients.wait_for("Epoch 2/2")
@@ -282,4 +287,9 @@ def test_a_client_killed_mid_training_makes_the_other_exit_211_at_once(data_dir,
         clients.kill()
     assert codes == [exit_codes.PEER_LOST, -signal.SIGKILL], clients.output(0)[-3000:]
     assert "a peer worker was lost (UnavailableError)" in clients.output(0)
-    assert seconds[0] < 10, seconds  # blocked in a collective with it: no heartbeat wait
+    print(f"survivor exited {seconds[0]:.2f} s after the kill")
+    # Usually at once: blocked in a collective with the dead client, its socket
+    # closes. When the survivor was not inside such a collective, the
+    # coordination service declares the peer dead after its heartbeat timeout
+    # (TensorFlow's 10 s under DTensor); either way, no hang.
+    assert seconds[0] < HEARTBEAT_TIMEOUT_S + 5, seconds
