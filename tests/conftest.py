@@ -23,13 +23,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's own CPU kernels, not oneDNN's, in this process and every process
-# a test starts: oneDNN picks its float32 matmul kernels by CPU and by shape, so
-# a tensor-parallel shard (half the width) is summed in another order than the
-# whole matrix. After 12 AdamW steps at lr 1e-2 that alone moved a weight by
-# 1.27e-5 on an AMX Xeon (5.5e-6 with TensorFlow's kernels), more than the
-# 1e-5 the equivalence tests allow for the distribution itself.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # A stray cluster (TF_CONFIG, or a Kubernetes pod's tfpar environment) must not
 # leak into tests.
 for _name in ("TF_CONFIG", "TFPAR_NUM_WORKERS", "JOBSET_NAME"):

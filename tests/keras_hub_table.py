@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import tfpar
+from consistency_cases import TENSOR_PARALLEL_LEARNING_RATE
 from tfpar import compat
 from tfpar.strategies.tensor import layouts
 from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
@@ -84,7 +85,7 @@ def train(strategy, name):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = MODELS[name]()
-        model.compile(optimizer=keras.optimizers.AdamW(1e-2),
+        model.compile(optimizer=keras.optimizers.AdamW(TENSOR_PARALLEL_LEARNING_RATE),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         use_dense_gradients(model.optimizer)  # the exact update, as TensorParallel uses
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)

@@ -68,8 +68,6 @@ def start_pods(network, container):
     base = {e["name"]: e["value"] for e in container["env"]}
     base["PYTHONPATH"] = str(REPO)  # the image would have tfpar installed
     base["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    # The same CPU kernels as the single-process reference (tests/conftest.py).
-    base["TF_ENABLE_ONEDNN_OPTS"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
     return [network.start(i, container["command"], dict(base, JOB_COMPLETION_INDEX=str(i)),
                           cwd=REPO)
             for i in range(WORKERS)]

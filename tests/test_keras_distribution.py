@@ -11,7 +11,7 @@ import pytest
 from tensorflow.experimental import dtensor
 
 import tfpar
-from consistency_cases import max_abs_diff
+from consistency_cases import TENSOR_PARALLEL_LEARNING_RATE, max_abs_diff
 from tfpar.strategies import keras_distribution
 
 STEPS, BATCH = 12, 16
@@ -30,7 +30,8 @@ def script(distribution=None):
     try:
         keras.utils.set_random_seed(0)
         model = tfpar.models.gpt(SHAPE)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss=tfpar.models.lm_loss())
+        model.compile(optimizer=keras.optimizers.AdamW(TENSOR_PARALLEL_LEARNING_RATE),
+                      loss=tfpar.models.lm_loss())
         x, y = data()
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         return model
