@@ -58,6 +58,7 @@ from tfpar.compat.tf_runtime import (
     place_variable,
     tensorflow_initialized,
     unique_collective_key_base,
+    wait_for_every_process,
 )
 
 log = logging.getLogger("tfpar")
@@ -126,4 +127,4 @@ def remove_keras_fixes(*names: str) -> None:
 __all__ = ["CompatError", "PATCHES", "Patch", "apply_keras_fixes", "configure_coordination_service",
            "configure_dtensor", "dtensor_accelerator_system_initialized", "keras_needs_fixes",
            "place_variable", "remove_keras_fixes", "tensorflow_initialized",
-           "unique_collective_key_base"]
+           "unique_collective_key_base", "wait_for_every_process"]

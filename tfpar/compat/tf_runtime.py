@@ -76,6 +76,21 @@ def configure_coordination_service(
     ctx._coordination_service_config.cluster_register_with_barrier = True
 
 
+def wait_for_every_process(barrier: str, timeout_s: float) -> None:
+    """Blocks until every process of the job has reached `barrier`.
+
+    The coordination service's barrier (TensorFlow 2.21: `Context.wait_at_barrier`).
+    Process 0 hosts the service: when it exits, every other process's next
+    TensorFlow op fails ("the leader task was preempted/died"), even a local
+    one after the last collective. A job whose processes can finish at
+    different times ends with this barrier. Raises after `timeout_s` if a
+    process never arrives.
+    """
+    from tensorflow.python.eager import context
+
+    context.context().wait_at_barrier(barrier, int(timeout_s * 1000))
+
+
 # ---------------------------------------------------------------------------
 # Collective keys of MirroredStrategy (TensorFlow 2.21).
 # Every MirroredStrategy numbers its collective groups from the same start

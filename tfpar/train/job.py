@@ -54,6 +54,7 @@ import keras
 import tensorflow as tf
 
 import tfpar
+from tfpar import compat
 from tfpar.data import bpe, text
 from tfpar.data.corpus import default_data_dir
 from tfpar.models import hub
@@ -331,6 +332,11 @@ def run(config: TrainConfig, strategy) -> dict:
         summary["communication"] = strategy.communication_report(model)
     if writer:
         _write_outputs(config, shape, tokenizer, weights, state, summary)
+    if strategy.num_workers > 1 and strategy.kind in ("tensor", "sharded"):
+        # DTensor clients: client 0 leads the coordination service, and a
+        # client still unpacking its last gathered weight failed when client
+        # 0 had already written the outputs and exited.
+        compat.wait_for_every_process("tfpar-train-done", timeout_s=120)
     return summary
 
 
