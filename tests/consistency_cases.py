@@ -107,7 +107,7 @@ def max_abs_diff(a, b):
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if not k.endswith("key/bias"))
 
 
-def train_lm(strategy, shape, recompute="none", steps=12, batch=16):
+def train_lm(strategy, shape, recompute="none", steps=12, batch=16, global_clipnorm=None):
     """A GPT of `shape` trained `steps` AdamW steps under `strategy` on fixed random
     tokens, with the exact (dense) Embedding update: the sharded tests' run."""
     from tfpar.strategies.tensor.tensor_parallel import use_dense_gradients
@@ -117,7 +117,8 @@ def train_lm(strategy, shape, recompute="none", steps=12, batch=16):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = tfpar.models.gpt(shape, recompute=recompute)
-        model.compile(optimizer=keras.optimizers.AdamW(TENSOR_PARALLEL_LEARNING_RATE),
+        model.compile(optimizer=keras.optimizers.AdamW(TENSOR_PARALLEL_LEARNING_RATE,
+                                                       global_clipnorm=global_clipnorm),
                       loss=tfpar.models.lm_loss())
         use_dense_gradients(model.optimizer)
     model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=batch, epochs=1, shuffle=False,

@@ -198,7 +198,6 @@ CLI_CASES = {
                                 "use --dp"),
     "reduce dtype unknown": Cli("train --dp=2 --reduce_dtype=int8", "--reduce_dtype=int8",
                                 "bfloat16"),
-    "tp x pp unsupported": Cli("info --tp=2 --pp=2", "tp=2, pp=2", "use --tp or --pp"),
     "strategy unknown": Cli("train --strategy=zero3", "--strategy=zero3", "one of <auto|"),
     "precision unknown": Cli("train --precision=fp8", "--precision=fp8", "mixed_bfloat16"),
     "schedule unknown": Cli("train --pp=2 --schedule=zigzag", "--schedule=zigzag", "1f1b"),
@@ -336,6 +335,8 @@ CLI_CASES = {
     "plan memory negative": Cli(PLAN + " --device_memory=-80", "--device_memory=-80", "> 0"),
     "plan bandwidth zero": Cli(PLAN + " --inter_node_bandwidth=0", "--inter_node_bandwidth=0",
                                "> 0"),
+    "plan memory bandwidth zero": Cli(PLAN + " --device_memory_bandwidth=0",
+                                      "--device_memory_bandwidth=0", "> 0"),
     "plan efficiency above one": Cli(PLAN + " --efficiency=1.5", "--efficiency=1.5", "(0, 1]"),
     "plan accelerator unknown": Cli(PLAN + " --accelerator=tpu-v9", "--accelerator=tpu-v9",
                                     "a100-80gb"),
@@ -441,9 +442,9 @@ LIBRARY_CASES = {
     "ShardedDataParallel zero stage": Lib(
         lambda: tfpar.ShardedDataParallel(fsdp=4, zero_stage=4), ParallelDimsError,
         "zero_stage=4", "1 (optimizer state sharded)"),
-    "ParallelDims tp x pp unsupported": Lib(
-        lambda: ParallelDims(tp=2, pp=2).check_runnable(), ParallelDimsError, "tp=2, pp=2",
-        "use --tp or --pp"),
+    "ParallelDims fsdp x pp unsupported": Lib(
+        lambda: ParallelDims(fsdp=2, pp=2).check_runnable(), ParallelDimsError, "fsdp=2, pp=2",
+        "--pp with --dp"),
     "ParallelDims schedule unknown": Lib(
         lambda: ParallelDims(pp=2, schedule="zigzag"), ParallelDimsError, "'zigzag'",
         "use one of"),
@@ -511,6 +512,8 @@ LIBRARY_CASES = {
                                     "memory_gib=-1", "> 0"),
     "Hardware efficiency zero": Lib(lambda: _hardware(efficiency=0), ValueError,
                                     "efficiency=0", "(0, 1]"),
+    "Hardware memory bandwidth zero": Lib(lambda: _hardware(memory_gbps=0), ValueError,
+                                          "memory_gbps=0", "> 0"),
     "tokenizer spec empty": Lib(lambda: load_tokenizer(""), TextDataError, "''", "'bytes'"),
     "tokenizer module missing": Lib(lambda: load_tokenizer("nope.tok:T"), TextDataError,
                                     "'nope.tok:T'", "on PYTHONPATH"),

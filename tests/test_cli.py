@@ -147,9 +147,6 @@ def test_degree_flags_that_disagree_with_a_shorthand_are_refused_naming_both(arg
 @pytest.mark.parametrize("argv, reason", [
     (["--fsdp=2", "--pp=2"], "sharded data parallelism with a pipeline (fsdp=2, pp=2) is not "
                              "available in this tfpar release"),
-    (["--tp=2", "--pp=2"],
-     "tensor x pipeline parallelism (tp=2, pp=2) in one job is not available in this tfpar "
-     "release"),
 ])
 def test_degrees_this_release_cannot_run_are_refused_at_parse_time(argv, reason):
     with pytest.raises(flags.IllegalFlagValueError, match=re.escape(reason)):

@@ -193,15 +193,23 @@ def test_tfpar_train_tensor_parallel_from_flags(data_dir, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_tfpar_train_pipeline_from_flags(data_dir, tmp_path):
-    result = tfpar_cli("train", "--strategy=pipeline", "--pipeline_stages=2",
-                       "--microbatches=4", "--num_simulated_devices=2", f"--data_dir={data_dir}",
+def test_tfpar_train_pipeline_of_tensor_parallel_stages_from_flags(data_dir, tmp_path):
+    """--pp=2 --tp=2: two stages, each a 2-device tensor-parallel mesh, with the
+    job's global gradient clipping taken over both meshes. (The plain
+    pipeline's `tfpar train` runs are in tests/test_preemption.py.)"""
+    result = tfpar_cli("train", "--pp=2", "--tp=2", "--microbatches=4",
+                       "--num_simulated_devices=4", f"--data_dir={data_dir}",
                        f"--output_dir={tmp_path}", *SHORT, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     summary = summary_of(tmp_path)
     assert summary["strategy"] == "pipeline" and summary["strategy_details"]["stages"] == 2
-    assert (summary["dims"]["pp"], summary["dims"]["microbatches"]) == (2, 4)
+    assert summary["strategy_details"]["tensor_parallel"] == 2
+    assert (summary["dims"]["pp"], summary["dims"]["tp"], summary["dims"]["microbatches"]) == (
+        2, 2, 4)
     assert summary["final_val_loss"] < 0.9 * summary["initial_val_loss"]  # 8.3 nats at start
+    # Each device holds half of its stage: under half the model.
+    memory = summary["memory"]
+    assert memory["parameter_bytes_per_device"] < 0.5 * memory["parameter_bytes_total"]
 
 
 @pytest.mark.multiprocess

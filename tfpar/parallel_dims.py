@@ -165,9 +165,6 @@ class ParallelDims:
                     f"at ZeRO stage 3 without tensor parallelism, not with zero_stage="
                     f"{self.zero_stage}, tp={self.tp}; use --zero_stage=3 without --tp, or "
                     f"shard over every device (--fsdp={self.dp * self.fsdp})")
-        if self.tp_enabled and self.pp_enabled:
-            return (f"tensor x pipeline parallelism (tp={self.tp}, pp={self.pp}) in one job is "
-                    "not available in this tfpar release; use --tp or --pp (with --dp)")
         return None
 
     def check_runnable(self) -> "ParallelDims":
@@ -179,7 +176,9 @@ class ParallelDims:
 
     def strategy_kind(self, multi_process: bool = False) -> str:
         """The tfpar strategy that runs these degrees: one_device, data,
-        multi_worker, sharded, tensor or pipeline (checked with `check_runnable`)."""
+        multi_worker, sharded, tensor or pipeline (checked with `check_runnable`).
+        A pipeline whose stages are tensor-parallel (tp x pp, x dp) is a
+        pipeline of stage meshes."""
         self.check_runnable()
         if self.pp_enabled:
             return "pipeline"

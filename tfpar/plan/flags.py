@@ -20,7 +20,7 @@ from tfpar import recompute
 from tfpar import flags as tfpar_flags
 from tfpar.models import flags as model_flags
 from tfpar.models import shapes
-from tfpar.plan.cost import ACCELERATORS, Hardware, Workload
+from tfpar.plan.cost import ACCELERATORS, GEMM_EFFICIENCY, Hardware, Workload
 
 FORMATS = ("table", "json")
 
@@ -28,17 +28,23 @@ PLAN_FLAGS = {
     "devices": (flags.DEFINE_integer, None, "Devices (GPUs) in the job."),
     "devices_per_node": (flags.DEFINE_integer, 8, "Devices per node (host)."),
     "accelerator": (tfpar_flags.enum_flag(list(ACCELERATORS)), "a100-80gb",
-        "The device type; sets the defaults of --device_memory, --device_tflops, "
-        "--intra_node_bandwidth and --inter_node_bandwidth."),
+        "The device type; sets the defaults of --device_memory, "
+        "--device_memory_bandwidth, --device_tflops, --intra_node_bandwidth and "
+        "--inter_node_bandwidth."),
     "device_memory": (flags.DEFINE_float, None, "GiB of memory per device."),
+    "device_memory_bandwidth": (flags.DEFINE_float, None,
+        "GB/s of each device's own memory (HBM): how fast LayerNorm, softmax, dropout "
+        "and the other memory-bound kernels run."),
     "device_tflops": (flags.DEFINE_float, None,
         "Peak dense TFLOP/s per device at the --precision's compute dtype."),
     "intra_node_bandwidth": (flags.DEFINE_float, None,
         "GB/s per device and direction between devices of one node (NVLink)."),
     "inter_node_bandwidth": (flags.DEFINE_float, None,
         "GB/s per device and direction between nodes (its share of the network)."),
-    "efficiency": (flags.DEFINE_float, 0.5,
-        "Fraction of peak FLOP/s the matmuls achieve (0.4-0.6 on large GPU jobs)."),
+    "efficiency": (flags.DEFINE_float, GEMM_EFFICIENCY,
+        "Fraction of peak FLOP/s a large matmul sustains in a training step (measured "
+        f"on A100s: {GEMM_EFFICIENCY}); the rest of the step time (memory-bound kernels, "
+        "communication, the pipeline bubble) is modelled from the shapes."),
     "recompute": (tfpar_flags.enum_flag(recompute.MODES), "none",
         "Activation recomputation to assume, as tfpar train's --recompute: none, "
         "selective (the attention core) or full (each block; published large-model runs "
@@ -47,8 +53,8 @@ PLAN_FLAGS = {
         "The dtype data-parallel gradients are all-reduced in, as tfpar train's "
         "--reduce_dtype."),
     "runnable_only": (flags.DEFINE_bool, False,
-        "Only layouts tfpar can run today (no tensor x pipeline, pipelines on one "
-        "host)."),
+        "Only layouts tfpar can run today (a pipeline, with tensor-parallel "
+        "stages or not, on one host)."),
     "top": (flags.DEFINE_integer, 12, "Candidates shown in the table."),
     "format": (tfpar_flags.enum_flag(FORMATS), "table", "Print a table or JSON."),
     "timeline_png": (flags.DEFINE_string, None,
@@ -67,8 +73,8 @@ def define_plan_flags(fv: flags.FlagValues) -> None:
     tfpar_flags.define_flags(fv, PLAN_FLAGS)
     for name in ("devices", "devices_per_node", "top"):
         flags.register_validator(name, _at_least_one(name), flag_values=fv)
-    for name in ("device_memory", "device_tflops", "intra_node_bandwidth",
-                 "inter_node_bandwidth"):
+    for name in ("device_memory", "device_memory_bandwidth", "device_tflops",
+                 "intra_node_bandwidth", "inter_node_bandwidth"):
         flags.register_validator(name, _positive(name), flag_values=fv)
     flags.register_validator("efficiency", _fraction("efficiency"), flag_values=fv)
     flags.register_validator("model", _gpt_only, flag_values=fv)
@@ -102,7 +108,8 @@ def _positive(name):
 def _fraction(name):
     def check(value):
         if not 0 < value <= 1:
-            raise flags.ValidationError(f"--{name}={value:g}: must be in (0, 1], e.g. 0.5.")
+            raise flags.ValidationError(f"--{name}={value:g}: must be in (0, 1], e.g. "
+                                        f"{GEMM_EFFICIENCY}.")
         return True
     return check
 
@@ -132,6 +139,7 @@ def hardware_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Hardware
     return Hardware(
         devices=f.devices, devices_per_node=f.devices_per_node,
         memory_gib=pick("device_memory", preset["memory_gib"]),
+        memory_gbps=pick("device_memory_bandwidth", preset["memory_gbps"]),
         peak_tflops=pick("device_tflops", preset["tflops16" if sixteen_bit else "tflops32"]),
         intra_node_gbps=pick("intra_node_bandwidth", preset["intra"]),
         inter_node_gbps=pick("inter_node_bandwidth", preset["inter"]),

@@ -32,9 +32,10 @@ def table(plan: Plan, top: int = 12) -> str:
              f"{w.model.num_parameters / 1e9:.2f}B parameters, context {w.model.seq_len}, "
              f"global batch {w.global_batch}, {w.precision}"
              f"{'' if w.recompute == 'none' else f', {w.recompute} recomputation'}",
-             f"{hw.devices} devices ({hw.devices_per_node} per node, {hw.memory_gib:g} GiB, "
-             f"{hw.peak_tflops:g} TFLOP/s peak at {hw.efficiency:.0%} efficiency, "
-             f"{hw.intra_node_gbps:g} GB/s in a node, {hw.inter_node_gbps:g} GB/s between)", ""]
+             f"{hw.devices} devices ({hw.devices_per_node} per node, {hw.memory_gib:g} GiB at "
+             f"{hw.memory_gbps:g} GB/s, {hw.peak_tflops:g} TFLOP/s peak, matmuls at "
+             f"{hw.efficiency:.0%} of it, {hw.intra_node_gbps:g} GB/s in a node, "
+             f"{hw.inter_node_gbps:g} GB/s between)", ""]
     header = (f"{'':2}{'data':>5} {'zero':>4} {'tensor':>6} {'pipe':>5} {'mbs':>4} {'M':>5} "
               f"{'state GiB':>9} {'act GiB':>8} {'total':>7} {'bubble':>7} {'comm GB':>8} "
               f"{'step s':>8} {'MFU':>6}  runs in tfpar")

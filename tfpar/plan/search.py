@@ -83,8 +83,8 @@ def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
     """
     if dims.unsupported() is not None:
         return None
-    if dims.pp_enabled and dims.batch_shards * dims.pp > hw.devices_per_node:
-        return None  # tfpar's pipeline runs its stages on one host
+    if dims.pp_enabled and dims.world_size > hw.devices_per_node:
+        return None  # tfpar's pipeline (of devices, or of tensor-parallel meshes) is one host's
     per_step = dims.batch_shards * micro_batch
     extra = []
     if dims.pp_enabled:
@@ -203,7 +203,6 @@ def _reasons(plan: Plan) -> list[str]:
                        f"--recompute={work.recompute}; Megatron-LM's published runs recompute)")
     if best.tfpar_flags is None:
         runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
-        reasons.append("tfpar cannot run this layout yet (tensor x pipeline, or a pipeline "
-                       "across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
+        reasons.append("tfpar cannot run this layout yet (a pipeline across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
                                           if runnable else ""))
     return reasons

@@ -14,7 +14,8 @@ Which strategy runs which degrees:
 | tp (x dp) | `TensorParallel` on the mesh "batch:dp,model:tp" |
 | fsdp (x tp, or x dp: HSDP) | `ShardedDataParallel` (ZeRO-`zero_stage`) on "batch:dp*fsdp,model:tp" |
 | pp (x dp) | `Pipeline` with pp stages and dp replicas |
-| fsdp x pp, tp x pp | refused: not in this release (`ParallelDims.unsupported`) |
+| pp x tp (x dp) | `Pipeline` whose stages are DTensor meshes "batch:dp,model:tp" (`stage_meshes`) |
+| fsdp x pp | refused: not in this release (`ParallelDims.unsupported`) |
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 
 # The degrees each strategy can run besides data replicas.
 _RUNS = {"one_device": (), "data": (), "multi_worker": (), "tensor": ("tp",),
-         "sharded": ("fsdp", "tp"), "pipeline": ("pp",)}
+         "sharded": ("fsdp", "tp"), "pipeline": ("pp", "tp")}
 
 
 def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts="megatron",
@@ -93,6 +94,13 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
     if kind == "tensor":
         return strategies.TensorParallel(dims.mesh_spec(), layouts,
                                          num_local_devices=num_local_devices)
+    if dims.tp > 1 and cluster is not None:
+        raise ParallelDimsError(
+            f"{dims}: a pipeline of tensor-parallel stages runs in one process (its stage "
+            "meshes copy activations between each other, which DTensor does only between "
+            "meshes of the same processes); run it without tfpar launch, on one host.")
     return strategies.Pipeline(stages=dims.pp, split_points=split_points,
                                microbatches=dims.microbatches, schedule=dims.schedule,
-                               virtual_stages=dims.virtual_stages, replicas=dims.dp)
+                               virtual_stages=dims.virtual_stages, replicas=dims.dp,
+                               tensor_parallel=dims.tp,
+                               layout_map=layouts if dims.tp > 1 else "megatron")

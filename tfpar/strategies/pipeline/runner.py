@@ -48,10 +48,12 @@ import contextlib
 import logging
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfpar import compat
 from tfpar.strategies.pipeline import microbatch, schedules, split
+from tfpar.strategies.pipeline.stage_meshes import StageMeshes, stage_devices
 from tfpar.strategies.pipeline.schedules import BACKWARD, FORWARD
 from tfpar.strategies.pipeline.timeline import Timeline
 from tfpar.parallel_dims import ParallelDims
@@ -143,7 +145,15 @@ class Pipeline(StrategyBase):
         `tf.config.experimental_connect_to_cluster`) put stages on other hosts.
       replicas: R, data-parallel copies of the pipeline (the hybrid): each
         gets 1/R of every batch; gradients are summed onto the devices of
-        replica 0, which hold the variables.
+        replica 0, which hold the variables. With `tensor_parallel`, the
+        batch axis of every stage's mesh instead.
+      tensor_parallel: T > 1 makes each stage tensor-parallel over T devices
+        (and data-parallel over R): stage k runs on the DTensor mesh
+        "batch:R,model:T" of devices k*R*T .. (k+1)*R*T-1, its weights split
+        by `layout_map` (`tfpar.strategies.pipeline.stage_meshes`).
+      layout_map: the stages' LayoutMap preset ("megatron") or a callable
+        keras DeviceMesh -> LayoutMap (e.g. a keras-hub backbone's
+        `get_layout_map`), with `tensor_parallel`.
       costs: {layer name: cost} to balance by instead of parameter counts.
       record_timeline: record every action's span (`self.timeline`).
 
@@ -163,7 +173,8 @@ class Pipeline(StrategyBase):
 
     def __init__(self, stages: int | None = None, split_points=None, microbatches: int = 1,
                  schedule="1f1b", devices=None, replicas: int = 1, costs: dict | None = None,
-                 record_timeline: bool = False, virtual_stages: int | None = None):
+                 record_timeline: bool = False, virtual_stages: int | None = None,
+                 tensor_parallel: int = 1, layout_map="megatron"):
         try:
             self.schedule = schedules.get(schedule, virtual_stages)
         except ValueError as e:
@@ -186,11 +197,29 @@ class Pipeline(StrategyBase):
             raise PipelineConfigError(f"microbatches={microbatches!r}: must be an integer >= 1.")
         if not isinstance(replicas, int) or replicas < 1:
             raise PipelineConfigError(f"replicas={replicas!r}: must be an integer >= 1.")
+        if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise PipelineConfigError(
+                f"tensor_parallel={tensor_parallel!r}: must be an integer >= 1.")
         self.split_points = list(split_points) if split_points else None
         self.num_microbatches = microbatches
         self.replicas = replicas
+        self.tensor_parallel = tensor_parallel
         self.costs = costs
-        self.devices = _resolve_devices(devices, stages or None, replicas)
+        self.stage_meshes: StageMeshes | None = None
+        if tensor_parallel > 1:
+            if record_timeline:
+                raise PipelineConfigError(
+                    "record_timeline=True with tensor_parallel > 1: the timeline's markers "
+                    "are Python calls, which DTensor programs cannot run. Record the "
+                    "timeline of the same schedule without tensor_parallel.")
+            flat = _flat_devices(devices, stages, replicas * tensor_parallel)
+            rows = stage_devices(flat, len(flat) // (replicas * tensor_parallel),
+                                 replicas, tensor_parallel)
+            self.stage_meshes = StageMeshes(rows, replicas, tensor_parallel, layout_map)
+            # One lane: the mesh of stage k is named by its first device.
+            self.devices = [[row[0] for row in rows]]
+        else:
+            self.devices = _resolve_devices(devices, stages or None, replicas)
         self.num_stages = len(self.devices[0])  # K: devices per replica
         reason = self.schedule.check(self.num_stages, microbatches)
         if reason:
@@ -211,17 +240,26 @@ class Pipeline(StrategyBase):
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(dp=self.replicas, pp=self.num_stages,
+        return ParallelDims(dp=self.replicas, tp=self.tensor_parallel, pp=self.num_stages,
                             microbatches=self.num_microbatches, schedule=self.schedule.name,
                             virtual_stages=self.schedule.virtual_stages)
 
     def _devices(self) -> list[str]:
+        if self.stage_meshes is not None:
+            return [str(d) for mesh in self.stage_meshes.meshes for d in mesh.local_devices()]
         return [d for row in self.devices for d in row]
+
+    @property
+    def _lanes(self) -> int:
+        # Replicas the runner drives itself: with stage meshes, the data-parallel
+        # replicas are each mesh's batch axis, inside every action.
+        return 1 if self.stage_meshes is not None else self.replicas
 
     def describe(self) -> dict:
         return super().describe() | {
             "stages": self.num_stages, "microbatches": self.num_microbatches,
             "schedule": self.schedule.name, "virtual_stages": self.schedule.virtual_stages,
+            "tensor_parallel": self.tensor_parallel,
             "split": [s.spec.layer_names for s in self.stages] or None}
 
     # ----------------------------------------------------------------- scope
@@ -234,8 +272,12 @@ class Pipeline(StrategyBase):
 
     def initialize_variable(self, keras_variable, value, upstream) -> None:
         """The registry protocol: variables start on the default device and are
-        moved to their stage's device when the model is first split."""
-        upstream(keras_variable, value)
+        moved to their stage's device when the model is first split (with stage
+        meshes, those made after the split go straight to their mesh)."""
+        if self.stage_meshes is not None and self.stages and not isinstance(value, tf.Variable):
+            self.stage_meshes.initialize_variable(keras_variable, value, upstream)
+        else:
+            upstream(keras_variable, value)
         registry.tag(keras_variable, self)
 
     # ----------------------------------------------------------------- split
@@ -266,16 +308,35 @@ class Pipeline(StrategyBase):
                        if self.schedule.split_backward else None)
             stages.append(Stage(spec, [row[rank] for row in self.devices], i == len(specs) - 1,
                                 rank=rank, layer_outputs=outputs))
-        for stage in stages:
-            for v in stage.variables:
-                compat.place_variable(v, stage.device)
-        if model.optimizer is not None and not model.optimizer.built:
-            # Slots are made now, next to their (moved) variables.
-            with tf.init_scope():
-                model.optimizer.build(model.trainable_variables)
+        if self.stage_meshes is not None:
+            self._check_for_meshes(model)
+            self.stage_meshes.place_stages(stages, model)
+        else:
+            for stage in stages:
+                for v in stage.variables:
+                    compat.place_variable(v, stage.device)
         model._tfpar_pipeline_stages = stages
         self.stages = stages
+        if model.optimizer is not None and not model.optimizer.built:
+            # Slots are made now, next to their (moved) variables.
+            with tf.init_scope(), registry.entered(self):
+                model.optimizer.build(model.trainable_variables)
         return stages
+
+    def _check_for_meshes(self, model):
+        optimizer = model.optimizer
+        if optimizer is not None:
+            self.stage_meshes.check_optimizer(optimizer)
+            if optimizer.built:
+                raise PipelineConfigError(
+                    "the optimizer was built before the pipeline split the model; with "
+                    "tensor_parallel its slots must be made on each stage's mesh. Compile "
+                    "under strategy.scope() and let the first fit build it.")
+        if model.losses:
+            raise PipelineConfigError(
+                "the model has weight regularizers: their loss terms would be added on the "
+                "last stage's mesh while their weights live on other stages' meshes. Remove "
+                "them (use the optimizer's weight_decay), or run without tensor_parallel.")
 
     # ---------------------------------------------------------------- memory
     def memory_report(self, model: keras.Model) -> dict:
@@ -286,22 +347,31 @@ class Pipeline(StrategyBase):
         the fullest device's; `per_device` has every stage's.
         """
         stages = self.prepare(model)
+        weights = {id(v) for v in model.weights}
         per_device = {}
-        for stage in stages:
-            mine = {id(v) for v in stage.variables}
-            devices = {v.value.device for v in stage.variables}
+        for rank in sorted({stage.rank for stage in stages}):
+            on = [st for st in stages if st.rank == rank]
+            device = on[0].device
+            variables = list({id(v): v for st in on for v in st.variables}.values())
+            trainable = list({id(v): v for st in on for v in st.trainable_variables}.values())
+            held = {v.value.device for v in variables}
             optimizer = [v for v in getattr(model.optimizer, "variables", ())
-                         if v.value.device in devices and id(v) not in mine]
-            row = per_device.setdefault(stage.device, dict.fromkeys(
-                ("parameter_bytes_per_device", "gradient_bytes_per_device",
-                 "optimizer_bytes_per_device"), 0))
-            row["parameter_bytes_per_device"] += variable_bytes_per_device(stage.variables)
-            row["gradient_bytes_per_device"] += variable_bytes_per_device(
-                stage.trainable_variables)
-            row["optimizer_bytes_per_device"] += variable_bytes_per_device(optimizer)
+                         if id(v) not in weights and self._holds(rank, held, v)]
+            per_device[device] = {
+                "parameter_bytes_per_device": variable_bytes_per_device(variables),
+                "gradient_bytes_per_device": variable_bytes_per_device(trainable),
+                "optimizer_bytes_per_device": variable_bytes_per_device(optimizer)}
         fullest = max(per_device.values(), key=lambda r: sum(r.values()))
-        total = variable_bytes_per_device(model.weights)
+        # The whole model (sharded stage weights counted whole, not per device).
+        total = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
         return {**fullest, "parameter_bytes_total": total, "per_device": per_device}
+
+    def _holds(self, rank, devices, variable) -> bool:
+        """Whether pipeline device `rank` (`devices`, or its stage mesh) holds `variable`."""
+        if self.stage_meshes is None:
+            return variable.value.device in devices
+        layout = getattr(variable, "_layout", None)
+        return getattr(layout, "mesh", None) == self.stage_meshes.meshes[rank]
 
     # --------------------------------------------------------- step functions
     def step_function(self, model, kind: str):
@@ -314,18 +384,53 @@ class Pipeline(StrategyBase):
             lambda data, m: self._step(model, stages, data, m, kind), reduce_retracing=True,
             autograph=False)
 
+        meshes = self.stage_meshes
+        if meshes is not None:
+            # Micro-batches are cut and packed onto their meshes on the host
+            # (DTensor cannot split a batch-sharded tensor); variables a step
+            # creates while it is traced (metric state) go to the last mesh.
+            def call(data):
+                m = self._microbatches_for(data, kind)
+                with registry.entered(self):
+                    return meshes.to_host(compiled(meshes.pack_microbatches(data, m), m))
+        else:
+            def call(data):
+                return compiled(data, self._microbatches_for(data, kind))
+
         if kind == "predict":
             def predict(data):
-                outputs = [compiled(batch, self._microbatches_for(batch, kind)) for batch in data]
-                return microbatch.merge(outputs)
+                return microbatch.merge([call(batch) for batch in data])
             return predict
 
         def run_batch(data):
             if self.timeline is not None and kind == "train":
                 self.timeline.next_step()
-            return compiled(data, self._microbatches_for(data, kind))
+            return call(data)
 
         return registry.host_loop(model, run_batch)
+
+    def step_graph(self, model, data, kind: str = "train"):
+        """The TensorFlow graph of one step on the batch `data` (as `fit` passes
+        it: (x, y) or (x, y, sample_weight)), for inspecting what a step runs.
+
+        Each action's ops sit under the name scope `action_scope(action)`
+        ("F3_stage1": the forward of micro-batch 3 on model stage 1; replicas
+        of the device hybrid add "_replica1"...). With stage meshes this is
+        the function DTensor splits into one program per mesh.
+
+        Example::
+
+            graph = strategy.step_graph(model, (x[:16], y[:16]))
+            [op.name for op in graph.get_operations() if op.name.startswith("B0_stage1/")]
+        """
+        stages = self.prepare(model)
+        m = self._microbatches_for(data, kind)
+        function = tf.function(lambda d, n: self._step(model, stages, d, n, kind),
+                               autograph=False)
+        with registry.entered(self):
+            if self.stage_meshes is not None:
+                data = self.stage_meshes.pack_microbatches(data, m)
+            return function.get_concrete_function(data, m).graph
 
     def _microbatches_for(self, data, kind) -> int:
         rows = microbatch.rows_of(data)
@@ -343,8 +448,16 @@ class Pipeline(StrategyBase):
         return m
 
     def _step(self, model, stages, data, m, kind):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        R, K, C = self.replicas, self.num_stages, len(stages)
+        meshes = self.stage_meshes
+        R, K, C = self._lanes, self.num_stages, len(stages)
+        if meshes is None:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            parts = microbatch.split((x, y, sample_weight), R * m)
+        else:  # micro-batches packed on their meshes (x: the first, y: the last)
+            parts = data
+            x = None
+            y, sample_weight = (None if parts[0][i] is None else
+                                microbatch.merge([p[i] for p in parts]) for i in (1, 2))
         training = kind == "train"
         if training and self.schedule.check(K, m):
             raise PipelineConfigError(
@@ -352,7 +465,6 @@ class Pipeline(StrategyBase):
                 + self.schedule.check(K, m) + " Use a batch size that divides by "
                 f"microbatches x replicas ({self.num_microbatches} x {R}).")
         split_backward = training and self.schedule.split_backward
-        parts = microbatch.split((x, y, sample_weight), R * m)
         weight = 1.0 / (R * m)
         order = self.schedule.creation_order(K, m, forward_only=not training)
         record = self.timeline is not None and training
@@ -383,9 +495,14 @@ class Pipeline(StrategyBase):
                 key = (r, stage.rank, mb, action.kind, s)
                 reads = [(r, stages[d.stage].rank, d.microbatch, d.kind, d.stage)
                          for d in schedules.dependencies(action, C, split_backward)]
-                with tf.device(stage.devices[r]), tf.control_dependencies(after[stage.rank]):
+                with tf.name_scope(action_scope(action, r)), \
+                        self._on(stage, r, after[stage.rank]):
                     if action.kind == FORWARD:
                         inp = xb if s == 0 else acts[(r, s - 1, mb)]
+                        if meshes is not None:
+                            if s > 0:
+                                inp = meshes.send(inp, stages[s - 1].rank, stage.rank)
+                            inp = meshes.after(inp, after[stage.rank])
                         inp = tf.nest.map_structure(_identity, inp)
                         if record and s == 0 and mb == 0:  # the step begins
                             inp = self.timeline.mark(inp, key, begin=True)
@@ -422,6 +539,12 @@ class Pipeline(StrategyBase):
                         after[stage.rank] = tf.nest.flatten(done)
                     elif action.kind == BACKWARD:
                         upstream = None if stage.is_last else input_grads.pop((s + 1, mb))
+                        if meshes is not None:
+                            if upstream is None:  # the loss's own seed carries the order
+                                upstream = tf.ones_like(targets[(s, mb)])
+                            else:
+                                upstream = meshes.send(upstream, stages[s + 1].rank, stage.rank)
+                            upstream = meshes.after(upstream, after[stage.rank])
                         # Everything the stage received: the hidden state, and model
                         # inputs such as a padding mask that cross the cut with it.
                         received = tf.nest.flatten(inputs[(s, mb)]) if s > 0 else []
@@ -450,6 +573,8 @@ class Pipeline(StrategyBase):
                         del acts[(r, s, mb)]
                     else:  # WEIGHT
                         upstream, layer_grads = pending.pop((s, mb))
+                        if meshes is not None:
+                            layer_grads = meshes.after(layer_grads, after[stage.rank])
                         sources, grads = _weight_gradients(
                             model, stage, tapes.pop((s, mb)), targets.pop((s, mb)),
                             layer_outputs.pop((s, mb)), layer_grads,
@@ -459,13 +584,17 @@ class Pipeline(StrategyBase):
                         accumulate(r, sources, grads)
                         after[stage.rank] = [g for g in grads if g is not None]
 
-        with tf.device(last_device):
+        with self._on_device(last_device):
             y_pred = microbatch.merge([outputs[(r, mb)] for r in range(R) for mb in range(m)])
         if kind == "predict":
             return y_pred
-        with tf.device(last_device):
+        with self._on_device(last_device):
             total = tf.add_n(losses)
-        if training:
+        if training and meshes is not None:
+            stage_of = {id(v): st.rank for st in stages for v in st.trainable_variables}
+            grads = [sums[0].get(i) for i in range(len(model.trainable_variables))]
+            meshes.apply_gradients(model.optimizer, grads, model.trainable_variables, stage_of)
+        elif training:
             owner = {id(v): st.device for st in stages for v in st.trainable_variables}
             grads = []
             for i, v in enumerate(model.trainable_variables):
@@ -479,8 +608,25 @@ class Pipeline(StrategyBase):
                     grads.append(parts_of_v[0] if len(parts_of_v) == 1 else tf.add_n(parts_of_v))
             model.optimizer.apply(grads, model.trainable_variables)
         if model._loss_tracker is not None:
-            model._loss_tracker.update_state(total, sample_weight=microbatch_rows(x))
+            rows = microbatch_rows(x if meshes is None else y_pred)
+            model._loss_tracker.update_state(total, sample_weight=rows)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _on(self, stage, replica, previous):
+        """Where an action runs, after its device's previous action: under
+        tf.device and a control dependency for device stages; nothing for
+        stage meshes (DTensor places by layout and drops control
+        dependencies: the order rides on the action's inputs, see
+        `StageMeshes.after`)."""
+        if self.stage_meshes is not None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(tf.device(stage.devices[replica]))
+        stack.enter_context(tf.control_dependencies(previous))
+        return stack
+
+    def _on_device(self, device):
+        return contextlib.nullcontext() if self.stage_meshes is not None else tf.device(device)
 
 
 def _sources(model, stage) -> list:
@@ -545,6 +691,12 @@ def _weight_gradients(model, stage, tape, target, layer_outputs, layer_grads, fu
     return sources, grads
 
 
+def action_scope(action, replica: int = 0) -> str:
+    """The name scope of an action's ops in a step's graph: "F3_stage1", "W0_stage2_replica1"."""
+    return (f"{action.kind}{action.microbatch}_stage{action.stage}"
+            + (f"_replica{replica}" if replica else ""))
+
+
 def microbatch_rows(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
@@ -563,6 +715,30 @@ def _dense(g):
 @contextlib.contextmanager
 def _no_tape():
     yield None
+
+
+def _flat_devices(devices, stages, per_stage) -> list[str]:
+    """Stage meshes' devices: the given ones, or the first K*per_stage local ones."""
+    if devices is not None:
+        flat = [d for row in devices for d in (row if isinstance(row, (list, tuple)) else [row])]
+        if len(flat) % per_stage or (stages and len(flat) != stages * per_stage):
+            raise PipelineConfigError(
+                f"devices={flat}: {len(flat)} devices do not make "
+                f"{stages or 'K'} stages of {per_stage} (replicas x tensor_parallel); give "
+                "exactly stages x replicas x tensor_parallel devices.")
+        return flat
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    local = gpus if len(gpus) >= (stages or 2) * per_stage else cpus
+    stages = stages or len(local) // per_stage
+    if stages < 1 or len(local) < stages * per_stage:
+        need = max(stages, 1) * per_stage
+        raise PipelineConfigError(
+            f"stages={stages} of {per_stage} devices (replicas x tensor_parallel) needs "
+            f"{need} devices; this process has {len(local)} ({'GPU' if local is gpus else 'CPU'}). "
+            f"On a CPU, split it first: tfpar.simulate_devices({need}) "
+            f"(--num_simulated_devices={need}).")
+    return local[:stages * per_stage]
 
 
 def _resolve_devices(devices, stages, replicas) -> list[list[str]]:

@@ -54,6 +54,23 @@ def parse_mesh(spec: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 _first_mesh_devices: int | None = None
 
 
+def span_every_device_first(device_type: str) -> None:
+    """Makes this process's first mesh span all its devices of `device_type`, if no
+    mesh exists yet. For smaller meshes built directly (a pipeline's stage
+    meshes): built first, they would make any later, larger mesh hang."""
+    global _first_mesh_devices
+    if _first_mesh_devices is not None or num_clients() > 1:
+        return
+    import tensorflow as tf
+
+    from tensorflow.experimental import dtensor
+
+    count = len(tf.config.list_logical_devices(device_type))
+    mesh = build_mesh(("batch",), (count,), device_type=device_type)
+    # The hang comes with the first op on a larger mesh: run one here.
+    dtensor.copy_to_mesh(tf.zeros([]), dtensor.Layout.replicated(mesh, 0))
+
+
 def num_clients() -> int:
     """Processes that share one mesh (DTensor multi-client), from DTENSOR_JOBS."""
     jobs = os.environ.get("DTENSOR_JOBS", "")

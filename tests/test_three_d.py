@@ -1,0 +1,147 @@
+"""Pipeline x tensor x data parallelism in one job: pipeline stages on DTensor meshes.
+
+The equivalence matrix runs on 8 simulated devices in its own process
+(tests/workers/three_d_equivalence.py); in-process tests have 4 devices.
+"""
+
+import collections
+import json
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import tfpar
+from consistency_cases import TOLERANCE
+from conftest import WORKERS, run
+from tfpar.strategies.pipeline import schedules
+from tfpar.strategies.pipeline.runner import PipelineConfigError, action_scope
+
+SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=4, vocab=64, seq_len=16)
+
+
+def tokens(rows=16):
+    return np.random.RandomState(0).randint(0, SHAPE.vocab, size=(rows, SHAPE.seq_len + 1)).astype(
+        "int32")
+
+
+def compiled(strategy, optimizer="adamw", shape=SHAPE):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = tfpar.models.gpt(shape)
+        model.compile(optimizer=optimizer, loss=tfpar.models.lm_loss())
+    return model
+
+
+@pytest.mark.multiprocess
+def test_every_layout_and_schedule_on_eight_devices_matches_one_device():
+    """(pp 2, tp 2, dp 2), (pp 2, tp 4), (pp 4, tp 2), each with GPipe and 1F1B: 12 AdamW
+    steps of a 4-block GPT against the exact single-device run; a checkpoint of
+    the 3-D model that loads into a plain model and back; global_clipnorm."""
+    result = run([sys.executable, str(WORKERS / "three_d_equivalence.py")], timeout=600,
+                 check=True)
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rows.pop("moved") > 100 * TOLERANCE  # training moved the weights far
+    assert rows.pop("checkpoint") == {"plain_from_3d": 0.0, "3d_from_plain": 0.0}
+    # global_clipnorm: one norm over both stage meshes, as over one device's gradients.
+    clipped = rows.pop("clipped")
+    assert clipped["max_abs_diff"] <= TOLERANCE and clipped["clipping_moved"] > 100 * TOLERANCE
+    assert len(rows) == 6, rows
+    for name, row in rows.items():
+        assert row["max_abs_diff"] <= TOLERANCE, (name, row)
+        dims = row["dims"]
+        assert dims["pp"] * dims["tp"] * dims["dp"] == dims["world_size"] == 8
+        # Each device holds its stage's share of the tensor split: at most
+        # 1/pp of the model, split about tp ways (LayerNorms stay whole).
+        assert row["parameter_bytes_per_device"] <= 1.2 * row["parameter_bytes_total"] / (
+            dims["pp"] * dims["tp"]), (name, row)
+
+
+def data_path(sources: set, targets) -> bool:
+    """Whether an op of `targets` has an op named in `sources` among its data
+    ancestors (op inputs only: control dependencies are not followed)."""
+    seen, stack = set(), list(targets)
+    while stack:
+        for tensor in stack.pop().inputs:
+            producer = tensor.op
+            if producer.name in sources:
+                return True
+            if producer.name not in seen:
+                seen.add(producer.name)
+                stack.append(producer)
+    return False
+
+
+def unordered_pairs(strategy, model, schedule, stages=2, microbatches=4):
+    """Consecutive actions of one device whose order no data edge enforces."""
+    x = tokens()
+    graph = strategy.step_graph(model, (x[:, :-1], x[:, 1:]))
+    by_scope = collections.defaultdict(list)
+    for op in graph.get_operations():
+        by_scope[op.name.split("/")[0]].append(op)
+    missing = []
+    for device in range(stages):
+        order = schedules.get(schedule).stage_order(device, stages, microbatches)
+        for before, then in zip(order, order[1:]):
+            assert by_scope[action_scope(then)], action_scope(then)
+            sources = {op.name for op in by_scope[action_scope(before)]}
+            if not data_path(sources, by_scope[action_scope(then)]):
+                missing.append((str(before), str(then)))
+    return missing
+
+
+def test_each_stage_mesh_action_waits_for_the_previous_one_through_data():
+    """DTensor drops control dependencies between pure ops, so stage meshes order
+    each device's actions through data: every action of `stage_order` reads its
+    device's previous action. Device stages order by control dependencies,
+    which this walk ignores: there it finds the pairs unordered."""
+    meshes = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=4, schedule="1f1b")
+    assert unordered_pairs(meshes, compiled(meshes), "1f1b") == []
+    devices = tfpar.Pipeline(stages=2, microbatches=4, schedule="1f1b")
+    assert len(unordered_pairs(devices, compiled(devices), "1f1b")) >= 4
+
+
+def test_tensor_parallel_stages_split_each_weight_on_its_stage_mesh():
+    strategy = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=2)
+    model = compiled(strategy)
+    strategy.prepare(model)
+    meshes = strategy.stage_meshes.meshes
+    assert [len(m.local_devices()) for m in meshes] == [2, 2]
+    assert {str(d) for d in meshes[0].local_devices()}.isdisjoint(
+        str(d) for d in meshes[1].local_devices())
+    up = next(w for w in model.weights if w.path.endswith("mlp_up/kernel"))
+    assert up._layout.sharding_specs == ["unsharded", "model"]
+    report = strategy.memory_report(model)
+    assert report["parameter_bytes_total"] == sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+    assert strategy.dims == tfpar.ParallelDims(pp=2, tp=2, microbatches=2)
+    assert tfpar.strategies.build(tfpar.ParallelDims(pp=2, tp=2, microbatches=2)).dims == \
+        strategy.dims
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: tfpar.Pipeline(stages=2, tensor_parallel=0), "tensor_parallel=0: must be"),
+    (lambda: tfpar.Pipeline(stages=2, tensor_parallel=2, record_timeline=True),
+     "record_timeline=True with tensor_parallel > 1"),
+    (lambda: tfpar.Pipeline(stages=4, tensor_parallel=2), "needs 8 devices; this process has 4 (CPU)"),
+    (lambda: tfpar.Pipeline(stages=2, tensor_parallel=2, devices=["CPU:0", "CPU:1", "CPU:2"]),
+     "3 devices do not make 2 stages of 2"),
+])
+def test_impossible_tensor_parallel_pipelines_are_refused_saying_why(make, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    (lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.AdamW()),
+     "LossScaleOptimizer (mixed_float16) is not supported"),
+    (lambda: keras.optimizers.AdamW(gradient_accumulation_steps=2),
+     "gradient_accumulation_steps=2 is not supported"),
+])
+def test_optimizers_the_stage_meshes_cannot_step_are_refused_at_the_split(optimizer, message):
+    strategy = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=2)
+    with strategy.scope():
+        model = compiled(strategy, optimizer=optimizer())
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        strategy.prepare(model)
+    assert isinstance(PipelineConfigError("x"), ValueError)
