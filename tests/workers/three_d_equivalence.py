@@ -1,5 +1,5 @@
 """Prints one JSON line: for each pipeline x tensor x data layout on 8 devices
-and each schedule, max |dw| from the exact single-device run after 12 AdamW
+and each schedule, max |dw| from the exact single-device run after 10 AdamW
 steps of a GPT, and the bytes its fullest device keeps.
 
 One process for the whole matrix (tests/test_three_d.py runs it): in-process
@@ -17,9 +17,9 @@ import tfpar
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from consistency_cases import max_abs_diff, train_lm  # noqa: E402
 
-STEPS, BATCH, MICROBATCHES = 12, 16, 4
+STEPS, BATCH, MICROBATCHES = 10, 16, 4
 # 4 heads and a vocabulary of 64: a 4-way model axis splits both.
-SHAPE = tfpar.models.GPTConfig(layers=4, hidden=32, heads=4, vocab=64, seq_len=16)
+SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=4, vocab=64, seq_len=16)
 LAYOUTS = {"pp2 tp2 dp2": (2, 2, 2), "pp2 tp4": (2, 4, 1), "pp4 tp2": (4, 2, 1)}
 SCHEDULES = sys.argv[1].split(",") if len(sys.argv) > 1 else ["gpipe", "1f1b"]
 
