@@ -392,14 +392,15 @@ class Pipeline(StrategyBase):
             def call(data):
                 m = self._microbatches_for(data, kind)
                 with registry.entered(self):
-                    return meshes.to_host(compiled(meshes.pack_microbatches(data, m), m))
+                    return compiled(meshes.pack_microbatches(data, m), m)
         else:
             def call(data):
                 return compiled(data, self._microbatches_for(data, kind))
 
         if kind == "predict":
             def predict(data):
-                return microbatch.merge([call(batch) for batch in data])
+                to_host = meshes.to_host if meshes is not None else (lambda t: t)
+                return microbatch.merge([to_host(call(batch)) for batch in data])
             return predict
 
         def run_batch(data):
@@ -407,7 +408,9 @@ class Pipeline(StrategyBase):
                 self.timeline.next_step()
             return call(data)
 
-        return registry.host_loop(model, run_batch)
+        # Logs leave the meshes once per host loop, not every step.
+        return registry.host_loop(model, run_batch,
+                                  None if meshes is None else meshes.to_host)
 
     def step_graph(self, model, data, kind: str = "train"):
         """The TensorFlow graph of one step on the batch `data` (as `fit` passes

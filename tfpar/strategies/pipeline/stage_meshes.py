@@ -91,7 +91,7 @@ class StageMeshes:
         compat.configure_dtensor()
         self.data, self.tensor = data, tensor
         device_type = "GPU" if "GPU" in devices[0][0].upper() else "CPU"
-        mesh_lib.span_every_device_first(device_type)
+        mesh_lib.span_every_device_first(device_type, data * tensor)
         self.meshes = [dtensor.create_mesh([(BATCH_AXIS, data), (MODEL_AXIS, tensor)],
                                            devices=list(row), device_type=device_type)
                        for row in devices]

@@ -54,15 +54,23 @@ def parse_mesh(spec: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 _first_mesh_devices: int | None = None
 
 
-def span_every_device_first(device_type: str) -> None:
-    """Makes this process's first mesh span all its devices of `device_type`, if no
-    mesh exists yet. For smaller meshes built directly (a pipeline's stage
-    meshes): built first, they would make any later, larger mesh hang."""
+def span_every_device_first(device_type: str, mesh_devices: int) -> None:
+    """Before building meshes of `mesh_devices` devices directly (a pipeline's stage
+    meshes): makes this process's first mesh span all its devices of
+    `device_type` if no mesh exists yet (built first, small meshes would make
+    any later, larger one hang), and refuses meshes larger than an existing
+    first one, as `build_mesh` does."""
     global _first_mesh_devices
-    if _first_mesh_devices is not None or num_clients() > 1:
+    if num_clients() > 1:
+        return
+    if _first_mesh_devices is not None:
+        if mesh_devices > _first_mesh_devices:
+            raise MeshError(
+                f"meshes of {mesh_devices} devices are larger than the {_first_mesh_devices} "
+                "of this process's first mesh; TensorFlow 2.21 hangs on that. Build the "
+                "largest mesh first, or use a new process per mesh size.")
         return
     import tensorflow as tf
-
     from tensorflow.experimental import dtensor
 
     count = len(tf.config.list_logical_devices(device_type))

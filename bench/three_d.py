@@ -1,0 +1,120 @@
+"""Benchmark: pipeline x tensor x data layouts against one device and each other.
+
+Prints, for the reference GPT on 8 simulated devices, the `fit` step time and
+tokens/s of:
+  - plain Keras on one device (the baseline of every ratio);
+  - `Pipeline` of device stages (pp 2);
+  - `TensorParallel` (tp 2);
+  - pipelines of tensor-parallel stage meshes: pp 2 x tp 2, pp 2 x tp 2 x dp 2,
+    pp 4 x tp 2;
+same global batch, same micro-batches, same process, medians over rounds.
+
+Usage::
+
+    python bench/three_d.py [--size mini] [--batch 16] [--microbatches 4]
+
+Simulated CPU devices share the machine's cores: this measures what each
+layout costs on top of the same arithmetic (sends between meshes, the
+schedule's data dependencies, DTensor's SPMD programs), never a speed-up.
+Fixed-cost stages (`tfpar.strategies.pipeline.FixedCost`), with which
+bench/pipeline.py compares device stages to their schedule's ideal step,
+cannot run here: their sleeps are Python calls, which DTensor programs refuse.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tfpar  # noqa: E402
+
+tfpar.simulate_devices(8)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# name: (pp, tp, dp); None: TensorParallel; (0, 0, 0): one device. The
+# largest stage mesh (4 devices) comes before the smaller ones and
+# TensorParallel's: TensorFlow 2.21 hangs when a mesh is larger than the
+# process's first (tfpar.strategies.tensor.mesh).
+LAYOUTS = {
+    "one_device": (0, 0, 0),
+    "pp2": (2, 1, 1),
+    "pp2 x tp2 x dp2": (2, 2, 2),
+    "pp2 x tp2": (2, 2, 1),
+    "pp4 x tp2": (4, 2, 1),
+    "tp2": None,
+}
+
+
+def strategy_for(name, microbatches, schedule):
+    layout = LAYOUTS[name]
+    if layout is None:
+        return tfpar.TensorParallel("batch:1,model:2", "megatron")
+    pp, tp, dp = layout
+    if pp == 0:
+        return None
+    return tfpar.Pipeline(stages=pp, tensor_parallel=tp, replicas=dp,
+                          microbatches=microbatches, schedule=schedule)
+
+
+def step_time(strategy, size, batch, steps, warmup=2):
+    cfg = tfpar.models.config(size)
+    tokens = np.random.RandomState(0).randint(
+        0, cfg.vocab, size=(batch * (steps + warmup), cfg.seq_len + 1)).astype("int32")
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    scope = strategy.scope() if strategy is not None else tf.device("/cpu:0")
+    with scope:
+        keras.utils.set_random_seed(0)
+        model = tfpar.models.gpt(size)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=tfpar.models.lm_loss(),
+                      jit_compile=False)
+    model.fit(x[: batch * warmup], y[: batch * warmup], batch_size=batch, verbose=0)
+    start = time.perf_counter()
+    model.fit(x[batch * warmup:], y[batch * warmup:], batch_size=batch, verbose=0)
+    return (time.perf_counter() - start) / steps, cfg.seq_len
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="mini", help="GPT size (tfpar.models.SIZES)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    times = {name: [] for name in LAYOUTS}
+    seq_len = None
+    for _ in range(args.rounds):
+        for name in LAYOUTS:
+            seconds, seq_len = step_time(strategy_for(name, args.microbatches, args.schedule),
+                                         args.size, args.batch, args.steps)
+            times[name].append(seconds)
+    base = statistics.median(times["one_device"])
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "tensorflow": tf.__version__, "keras": keras.__version__},
+        "size": args.size, "batch": args.batch, "microbatches": args.microbatches,
+        "schedule": args.schedule,
+        "step_time_s": {k: statistics.median(v) for k, v in times.items()},
+        "tokens_per_s": {k: args.batch * seq_len / statistics.median(v) for k, v in times.items()},
+        "step_time_ratio_to_one_device": {k: statistics.median(v) / base
+                                          for k, v in times.items()},
+    }
+    print(json.dumps(results, indent=2))
+    for name in LAYOUTS:
+        print(f"{args.size} {name:>16}: {results['step_time_s'][name] * 1e3:7.1f} ms/step, "
+              f"{results['tokens_per_s'][name]:8.0f} tokens/s, "
+              f"{results['step_time_ratio_to_one_device'][name]:.2f} x one device's step "
+              f"(8 simulated devices on {os.cpu_count()} cores: overhead, not speed-up)")
+
+
+if __name__ == "__main__":
+    main()
