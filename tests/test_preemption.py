@@ -96,6 +96,8 @@ def test_sigterm_saves_an_agreed_step_exits_210_and_resumes_to_identical_weights
 # 24 optimizer steps of 16 windows of 32 bytes, validated and checkpointed
 # every 6, on a 1-block GPT (checkpoints are written in the background: the
 # default). Each run takes 15-35 s on 2 shared cores, mostly start-up and tracing.
+# The pipeline runs with replicas (2 stages x 2 replicas): one pipeline without
+# replicas takes the same checkpoint path through the same runner.
 TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--model=tiny", "--tokenizer=bytes",
          "--layers=1", "--seq_len=32",
          "--global_batch_size=16", "--train_steps=24", "--eval_every=6", "--eval_batches=2",
@@ -104,8 +106,6 @@ STRATEGIES = {
     "one_device": ["--strategy=one_device"],
     "data": ["--strategy=data", "--num_simulated_devices=2"],
     "tensor": ["--strategy=tensor", "--mesh=batch:2,model:2", "--num_simulated_devices=4"],
-    "pipeline": ["--strategy=pipeline", "--pipeline_stages=2", "--microbatches=2",
-                 "--num_simulated_devices=2"],
     "pipeline_replicas": ["--strategy=pipeline", "--pipeline_stages=2",
                           "--pipeline_replicas=2", "--microbatches=2",
                           "--num_simulated_devices=4"],
@@ -216,7 +216,7 @@ def test_tfpar_train_sigterm_commits_an_agreed_step_exits_210_and_resumes_bit_id
     assert_bit_identical(expected, final_weights(out))
 
 
-@pytest.mark.parametrize("strategy", ["tensor", "pipeline", "pipeline_replicas"])
+@pytest.mark.parametrize("strategy", ["tensor", "pipeline_replicas"])
 def test_tfpar_train_killed_mid_training_resumes_from_its_last_checkpoint_bit_identically(
         strategy, uninterrupted, data_dir, tmp_path):
     expected = uninterrupted(strategy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from tfpar.plan import handoff
 from tfpar.plan.cost import GIB
 from tfpar.plan.search import Plan
 
@@ -15,7 +16,8 @@ def as_json(plan: Plan, top: int = 20) -> dict:
     if best is not None:
         recommended = {**best.as_dict(), "schedule": plan.work.schedule,
                        "schedules": schedules_compared(best.dims.pp, best.microbatches),
-                       "reasons": plan.reasons}
+                       "reasons": plan.reasons,
+                       "train_flags": handoff.train_flags(best, plan.work)}
     return {"model": {**dataclasses.asdict(plan.work.model),
                       "parameters": plan.work.model.num_parameters},
             "workload": {k: v for k, v in dataclasses.asdict(plan.work).items() if k != "model"},

@@ -122,8 +122,10 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                     continue
                 m = work.global_batch // (d * b)
                 try:
+                    # Without a pipeline, the schedule is the default's, as
+                    # the runtime reports it (`tfpar train --plan` compares).
                     dims = ParallelDims(dp=d, tp=t, pp=p, microbatches=m if p > 1 else 1,
-                                        schedule=work.schedule)
+                                        **({"schedule": work.schedule} if p > 1 else {}))
                 except ParallelDimsError as e:  # e.g. interleaving needs M % K == 0
                     skipped.append(f"pipeline={p}, micro-batch {b}: {e}")
                     continue

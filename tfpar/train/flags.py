@@ -113,6 +113,10 @@ def define_train_flags(fv: flags.FlagValues) -> None:
     tfpar_flags.define_strategy_flags(fv)
     for name, (define, help_text) in TRAIN_FLAGS.items():
         define(name, getattr(DEFAULTS, name), help_text, flag_values=fv)
+    flags.DEFINE_string("plan", None,
+                        "A `tfpar plan --format=json` file: run its recommended layout (sets the "
+                        "degree, batch, precision, recomputation and model shape flags; "
+                        "tfpar.plan.handoff).", flag_values=fv)
     flags.register_multi_flags_validator(_CHECKED, _valid, flag_values=fv)
     flags.register_validator("vocab", _no_vocab, flag_values=fv)
 

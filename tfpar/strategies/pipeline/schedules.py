@@ -228,6 +228,9 @@ class GPipe(Schedule):
     def peak_stash(self, num_devices, num_microbatches):
         return [num_microbatches] * num_devices
 
+    def bubble_fraction(self, num_devices, num_microbatches):
+        return _flush_bubble(num_devices, num_microbatches)
+
 
 class OneFOneB(Schedule):
     """One forward, one backward (PipeDream-Flush, Narayanan et al., 2021).
@@ -246,6 +249,9 @@ class OneFOneB(Schedule):
     def peak_stash(self, num_devices, num_microbatches):
         # The warm-up forwards plus the one in flight of the steady state.
         return [min(num_devices - d, num_microbatches) for d in range(num_devices)]
+
+    def bubble_fraction(self, num_devices, num_microbatches):
+        return _flush_bubble(num_devices, num_microbatches)
 
 
 class Interleaved1F1B(Schedule):
@@ -535,6 +541,13 @@ def _bubble(schedule, num_devices, num_microbatches) -> float:
     s1 = schedule.simulate(k, m0 + k)["step_time"]
     step = s0 + (s1 - s0) * (m - m0) / k
     return 1.0 - 3.0 * m * schedule.virtual_stages / step  # F + B + W per stage, unit costs
+
+
+def _flush_bubble(num_devices, num_microbatches) -> float:
+    """GPipe's and 1F1B's ideal bubble, (K-1)/(M+K-1): both fill and drain the
+    pipeline once per step (the simulation agrees; closed form because `tfpar
+    plan` asks for it thousands of times, at hundreds of micro-batches)."""
+    return (num_devices - 1) / (num_microbatches + num_devices - 1)
 
 
 def _per_stage(cost, num_stages):

@@ -1,0 +1,128 @@
+"""`tfpar plan --format=json` -> `tfpar train --plan=plan.json` (tfpar.plan.handoff).
+
+The plan's "runs in tfpar" flags and `tfpar train`'s degree flags are one
+vocabulary: every candidate a plan marks runnable parses, through tfpar
+train's own flags, into the candidate's `ParallelDims`, which this release
+can run. The end-to-end run (plan -> train of a pipeline of tensor-parallel
+stages) is in tests/test_train.py.
+"""
+
+import json
+
+import pytest
+
+from tfpar.cli.train import COMMAND as TRAIN
+from tfpar.flags import dims_from_flags
+from tfpar.models import SIZES, GPTConfig
+from tfpar.parallel_dims import ParallelDims
+from tfpar.plan import Hardware, Workload, handoff, recommend
+from tfpar.plan.render import as_json
+
+NODE = {"devices_per_node": 8, "memory_gib": 80}
+PLANS = {
+    # small models on one node: replicated, sharded, tensor, pipeline, 3-D layouts
+    "mini on 8": (Workload(SIZES["mini"], 32, precision="float32"), Hardware(devices=8, **NODE)),
+    "mini on 8, little memory": (
+        Workload(SIZES["mini"], 8, precision="float32"),
+        Hardware(devices=8, devices_per_node=8, memory_gib=0.005)),
+    "gpt2-xl on 8, zbv": (Workload(SIZES["gpt2-xl"], 64, schedule="zbv", recompute="full"),
+                          Hardware(devices=8, **NODE)),
+    "gpt3-13b on 64, interleaved": (
+        Workload(SIZES["gpt3-13b"], 256, schedule="interleaved_1f1b", recompute="full"),
+        Hardware(devices=64, **NODE)),
+    "gpt3-175b on 1024": (Workload(SIZES["gpt3-175b"], 1536, recompute="full"),
+                          Hardware(devices=1024, **NODE)),
+}
+
+
+def parse_train(args):
+    fv = TRAIN.flag_values()
+    fv(["tfpar train", *args])
+    return fv
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_every_candidate_marked_runnable_parses_into_its_degrees_through_tfpar_train(name):
+    plan = recommend(*PLANS[name])
+    runnable = [c for c in plan.candidates if c.tfpar_flags]
+    assert runnable, name
+    kinds = set()
+    for c in plan.candidates:
+        if c.tfpar_flags is None:
+            # Not runnable: a pipeline wider than a host (or degrees the release refuses).
+            assert c.dims.unsupported() or c.dims.world_size > plan.hardware.devices_per_node
+            continue
+        flags = handoff.train_flags(c, plan.work)
+        dims = dims_from_flags(parse_train(flags))
+        assert dims == c.dims, (c.tfpar_flags, dims)
+        kinds.add(dims.strategy_kind())
+    print(name, sorted(kinds), f"{len(runnable)} of {len(plan.candidates)} runnable")
+
+
+def test_the_plan_json_gives_tfpar_train_its_layout_and_model(tmp_path):
+    plan = recommend(*PLANS["mini on 8, little memory"])
+    doc = as_json(plan)
+    best = doc["recommended"]
+    assert (best["tensor"], best["pipeline"]) == (4, 2)  # a pipeline of tensor-parallel stages
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    fv = parse_train([f"--plan={path}", "--train_steps=30", "--eval_every=10"])
+    dims = handoff.apply(fv, str(path))
+    assert dims == ParallelDims.from_dict(best["dims"]) == dims_from_flags(fv)
+    assert (fv.tp, fv.pp, fv.microbatches, fv.global_batch_size) == (4, 2, 8, 8)
+    mini = SIZES["mini"]
+    assert (fv.layers, fv.hidden, fv.heads, fv.seq_len) == (
+        mini.layers, mini.hidden, mini.heads, mini.seq_len)
+    assert fv.train_steps == 30 and fv.precision == "float32"
+
+    # The same value on the command line is no clash.
+    handoff.apply(parse_train([f"--plan={path}", "--tp=4", "--seq_len=128"]), str(path))
+
+
+def write_plan(tmp_path, name):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(as_json(recommend(*PLANS[name]))))
+    return str(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp=2"], r"--tp=2 \(the plan: --tp=4\).*drop them from the command line"),
+    (["--global_batch_size=16", "--layers=2"],
+     r"--global_batch_size=16 \(the plan: --global_batch_size=8\), --layers=2 \(the plan: "),
+    (["--dp=2"], r"runs pp 2 x tp 4 \(--tp=4 --pp=2 --microbatches=8 --schedule=1f1b\), but "
+                 r"the command line makes it pp 2 x dp 2 x tp 4; drop the degree and --strategy"),
+])
+def test_a_command_line_that_contradicts_the_plan_is_refused(tmp_path, args, message):
+    path = write_plan(tmp_path, "mini on 8, little memory")
+    with pytest.raises(handoff.PlanFileError, match=message):
+        handoff.apply(parse_train([f"--plan={path}", *args]), path)
+
+
+def test_a_plan_tfpar_cannot_run_or_that_is_not_a_plan_is_refused(tmp_path):
+    # 175B on 1024 GPUs: 16 x 8 x 8, a pipeline across nodes.
+    path = write_plan(tmp_path, "gpt3-175b on 1024")
+    with pytest.raises(handoff.PlanFileError,
+                       match=r"cannot run the recommended layout \(dp=16, tp=8, pp=8: "
+                             r".*--runnable_only"):
+        handoff.load(path)
+    nothing = as_json(recommend(Workload(SIZES["gpt3-175b"], 8), Hardware(devices=8, **NODE)))
+    (tmp_path / "none.json").write_text(json.dumps(nothing))
+    with pytest.raises(handoff.PlanFileError, match=r"recommends no layout \(nothing fits"):
+        handoff.load(str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(handoff.PlanFileError, match=r"bad.json: not JSON.*tfpar plan"):
+        handoff.load(str(tmp_path / "bad.json"))
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(handoff.PlanFileError, match=r"no \"recommended\" entry"):
+        handoff.load(str(tmp_path / "other.json"))
+    with pytest.raises(handoff.PlanFileError, match=r"missing.json: no such file"):
+        handoff.load(str(tmp_path / "missing.json"))
+
+
+def test_a_plan_for_one_device_runs_on_one_device(tmp_path):
+    work = Workload(GPTConfig(layers=2, hidden=64, heads=4, vocab=256, seq_len=64), 8,
+                    precision="float32")
+    plan = recommend(work, Hardware(devices=1, devices_per_node=1, memory_gib=80))
+    flags = handoff.train_flags(plan.best, work)
+    assert flags[0] == "--strategy=one_device"
+    assert dims_from_flags(parse_train(flags)) == ParallelDims()
