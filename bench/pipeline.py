@@ -12,7 +12,9 @@ twice: from the timeline (spans recorded by a marker per action, which
 costs about a millisecond each) and from the wall-clock time of `fit`
 steps without a timeline. Simulated devices share the host's cores: the
 sleeps make the timing independent of the CPU's load, not of its wake-up
-latency.
+latency. Each schedule is also replayed directly in TensorFlow with the same
+sleeps (`bare_tf_schedule`: no tfpar runner, no Keras): `bare_over_ideal` is
+the host's floor, `wall_over_bare` / `timeline_over_bare` what tfpar adds.
 """
 
 import argparse
@@ -90,6 +92,63 @@ def schedules_table(stages, microbatches, seconds, steps, png=None):
     return rows
 
 
+def bare_tf_schedule(name, stages, microbatches, seconds, steps=5):
+    """The floor the host sets: the schedule replayed directly in TensorFlow.
+
+    No tfpar runner, no Keras, no gradients: one `tf.function` in which each
+    action of the schedule is FixedCost's sleep (a `numpy_function` on the
+    data path) under its device's `tf.device`, reading the outputs of the
+    actions it depends on (`schedules.dependencies`) and ordered after its
+    device's previous action by a control dependency; a full backward sleeps
+    its input and weight gradient one after the other before its output
+    leaves (the ideal's terms). What this step costs over the ideal is the
+    executor's and the sleeps', not the runner's. Returns the best step (s).
+    """
+    import tensorflow as tf
+
+    from tfpar.strategies.pipeline.timeline import _device_lock, _sleep_until
+
+    schedule = schedules.get(name)
+    v = schedule.virtual_stages
+    f, b, w = (c / v for c in seconds)
+    costs = {"F": (f,), "B": (b,) if schedule.split_backward else (b, w), "W": (w,)}
+
+    def slept(x, cost, lock):
+        def run(a):
+            with lock:
+                _sleep_until(time.perf_counter() + cost)
+            return a
+        y = tf.numpy_function(run, [x], x.dtype, stateful=False)
+        y.set_shape(x.shape)
+        return y
+
+    @tf.function(autograph=False)
+    def step(x):
+        out, last = {}, {}
+        for action in schedule.creation_order(stages, microbatches):
+            d = schedule.device_of(action.stage, stages)
+            device = f"/device:CPU:{d}"
+            deps = schedules.dependencies(action, stages * v, schedule.split_backward)
+            inputs = [out[a] for a in deps] or [x + float(action.microbatch)]
+            with tf.device(device), tf.control_dependencies([last[d]] if d in last else []):
+                y = tf.add_n(inputs) if len(inputs) > 1 else tf.identity(inputs[0])
+                for cost in costs[action.kind]:
+                    y = slept(y, cost, _device_lock(device))
+            out[action] = last[d] = y
+        # Every action's output is fetched: a stateless op whose output nobody
+        # reads is pruned, control dependencies or not.
+        return tf.add_n([tf.reduce_sum(y) for y in out.values()])
+
+    x = tf.ones((4, 4))
+    step(x)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(x).numpy()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def draw(path, drawn, stages, microbatches, seconds):
     """The measured timelines of one step of each schedule, in milliseconds."""
     import matplotlib
@@ -163,6 +222,18 @@ def main():
     args = parser.parse_args()
     steps = 2 if args.quick else 3
     table = schedules_table(4, 8, (args.cost,) * 3, steps, args.png)
+    for r in table:
+        bare = bare_tf_schedule(r["schedule"], 4, 8, (args.cost,) * 3)
+        r["bare_tf_s"] = round(bare, 4)
+        r["bare_over_ideal"] = round(bare / r["ideal_s"], 3)
+        r["wall_over_bare"] = round(r["step_wall_s"] / bare, 3)
+        r["timeline_over_bare"] = round(r["step_timeline_s"] / bare, 3)
+    base = next(r for r in table if r["schedule"] == "1f1b")
+    for r in table:
+        r["bare_vs_1f1b"] = round(r["bare_tf_s"] / base["bare_tf_s"], 3)
+        print(json.dumps({k: r[k] for k in ("schedule", "bare_tf_s", "bare_over_ideal",
+                                            "wall_over_bare", "timeline_over_bare",
+                                            "bare_vs_1f1b")}), flush=True)
     result = {"schedules": table}
     if args.gpt:
         result["gpt"] = gpt_throughput(5 if args.quick else 10)

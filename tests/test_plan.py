@@ -240,3 +240,20 @@ def test_plan_that_cannot_fit_exits_1_and_bad_input_exits_2():
     assert missing.returncode == 2 and "--devices is required" in missing.stdout
     bad = tfpar_cli("plan", "--model=gpt5", "--devices=8", timeout=60)
     assert bad.returncode != 0 and "--model=gpt5: use one of" in bad.stdout
+
+
+def test_the_mesh_picture_draws_each_device_s_stage_replica_and_shard(tmp_path):
+    from tfpar.plan.render import mesh_png
+
+    dims = ParallelDims(pp=2, dp=2, tp=4, microbatches=8)
+    assert [tuple(dims.coordinates(i).values()) for i in (0, 3, 4, 8, 15)] == [
+        (0, 0, 0, 0), (0, 0, 0, 3), (0, 1, 0, 0), (1, 0, 0, 0), (1, 1, 0, 3)]
+    mesh_png(str(tmp_path / "mesh.png"), dims, devices_per_node=8)
+    assert (tmp_path / "mesh.png").read_bytes()[:4] == b"\x89PNG"
+    # GPT-3 175B's 16 x 8 x 8 is drawn as its first pipeline replica (64 devices).
+    mesh_png(str(tmp_path / "175b.png"), ParallelDims(dp=16, tp=8, pp=8, microbatches=96), 8)
+    with pytest.raises(ValueError, match="draws up to 128 devices; one pipeline replica of "
+                                         r"pp 64 x dp 6 x tp 8 has 512"):
+        mesh_png(str(tmp_path / "1t.png"), ParallelDims(dp=6, tp=8, pp=64, microbatches=64), 8)
+    with pytest.raises(Exception, match=r"device 16: the job has devices 0..15"):
+        dims.coordinates(16)

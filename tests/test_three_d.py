@@ -108,8 +108,12 @@ def test_tensor_parallel_stages_split_each_weight_on_its_stage_mesh():
     strategy.prepare(model)
     meshes = strategy.stage_meshes.meshes
     assert [len(m.local_devices()) for m in meshes] == [2, 2]
-    assert {str(d) for d in meshes[0].local_devices()}.isdisjoint(
-        str(d) for d in meshes[1].local_devices())
+    # Stage k's (replica, shard) sits on the device ParallelDims.coordinates names.
+    dims = strategy.dims
+    for device in range(dims.world_size):
+        c = dims.coordinates(device)
+        assert meshes[c["pp"]].local_devices()[c["dp"] * dims.tp + c["tp"]].endswith(
+            f"CPU:{device}")
     up = next(w for w in model.weights if w.path.endswith("mlp_up/kernel"))
     assert up._layout.sharding_specs == ["unsharded", "model"]
     report = strategy.memory_report(model)

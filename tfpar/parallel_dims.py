@@ -115,6 +115,26 @@ class ParallelDims:
         """Devices the job needs: pp x dp x fsdp x tp."""
         return self.pp * self.dp * self.fsdp * self.tp
 
+    def coordinates(self, device: int) -> dict[str, int]:
+        """Where the job's `device`-th device sits: its pipeline stage, data
+        replica, sharded-data group position and tensor shard.
+
+        The order is Megatron's: pipeline outermost, then data, sharded data,
+        and tensor innermost (a tensor group is consecutive devices, so it
+        stays within a node). tfpar's stage meshes (`stage_devices`), tensor
+        meshes ("batch:dp*fsdp,model:tp", row-major) and HSDP groups place
+        devices this way.
+
+            >>> ParallelDims(pp=2, dp=2, tp=2).coordinates(5)
+            {'pp': 1, 'dp': 0, 'fsdp': 0, 'tp': 1}
+        """
+        if not 0 <= device < self.world_size:
+            raise ParallelDimsError(f"device {device}: the job has devices 0..{self.world_size - 1}.")
+        out = {}
+        for name in ("tp", "fsdp", "dp", "pp"):
+            device, out[name] = divmod(device, getattr(self, name))
+        return {name: out[name] for name in ("pp", "dp", "fsdp", "tp")}
+
     @property
     def batch_shards(self) -> int:
         """How many ways each batch is split: dp x fsdp (the replicas in sync)."""

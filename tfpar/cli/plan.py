@@ -19,7 +19,7 @@ def _define_shared_flags(fv) -> None:
 
 def run(fv, program) -> int:
     from tfpar.plan import recommend
-    from tfpar.plan.render import dumps, schedule_png, table
+    from tfpar.plan.render import dumps, mesh_png, schedule_png, table
 
     try:
         result = recommend(plan_flags.workload_from_flags(fv), plan_flags.hardware_from_flags(fv),
@@ -37,6 +37,12 @@ def run(fv, program) -> int:
         schedule_png(fv.timeline_png, max(dims.pp, 2), best.microbatches,
                      f"data={dims.dp} tensor={dims.tp} pipeline={dims.pp}: "
                      f"{max(dims.pp, 2)} stages, {best.microbatches} micro-batches")
+    if fv.mesh_png:
+        try:
+            mesh_png(fv.mesh_png, best.dims, result.hardware.devices_per_node)
+        except ValueError as e:
+            write_error("plan", str(e))
+            return 2
     return 0
 
 

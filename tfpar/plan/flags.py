@@ -59,6 +59,9 @@ PLAN_FLAGS = {
     "format": (tfpar_flags.enum_flag(FORMATS), "table", "Print a table or JSON."),
     "timeline_png": (flags.DEFINE_string, None,
         "Also draw the chosen pipeline's GPipe and 1F1B timelines to this PNG."),
+    "mesh_png": (flags.DEFINE_string, None,
+        "Also draw the chosen layout's devices to this PNG: which node and device "
+        "holds which pipeline stage, data replica and tensor shard."),
 }
 
 

@@ -126,6 +126,65 @@ def schedule_png(path: str, stages: int, microbatches: int, title: str = "") -> 
     plt.close(fig)
 
 
+MESH_PNG_MAX_DEVICES = 128
+
+
+def mesh_png(path: str, dims, devices_per_node: int, title: str = "") -> None:
+    """Which device holds which pipeline stage, data replica and tensor shard.
+
+    One row per node, one box per device, coloured by pipeline stage and
+    labelled with its coordinates (`ParallelDims.coordinates`: the order
+    tfpar places devices in). Up to 128 devices are drawn; a larger job is
+    drawn as its first pipeline replica (data replica 0, sharded group 0),
+    which shows every stage and shard.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    shown = list(range(dims.world_size))
+    note = ""
+    if len(shown) > MESH_PNG_MAX_DEVICES:
+        shown = [i for i in shown if dims.coordinates(i)["dp"] == 0
+                 and dims.coordinates(i)["fsdp"] == 0]
+        note = f" (data replica 0 of {dims.dp}" + (f", group 0 of {dims.fsdp}" if dims.fsdp > 1
+                                                     else "") + ")"
+        if len(shown) > MESH_PNG_MAX_DEVICES:
+            raise ValueError(f"--mesh_png draws up to {MESH_PNG_MAX_DEVICES} devices; one "
+                             f"pipeline replica of {dims} has {len(shown)}. Plan a smaller "
+                             "layout to draw it.")
+    nodes = sorted({i // devices_per_node for i in shown})
+    width = min(devices_per_node, dims.world_size)
+    fig, ax = plt.subplots(figsize=(1.0 + 1.25 * width, 0.6 + 0.95 * len(nodes)), dpi=100)
+    colors = plt.get_cmap("tab20" if dims.pp > 10 else "tab10")
+    for row, node in enumerate(nodes):
+        y = len(nodes) - 1 - row
+        ax.text(-0.15, y + 0.45, f"node {node}", ha="right", va="center", fontsize=8)
+        for i in (i for i in shown if i // devices_per_node == node):
+            c = dims.coordinates(i)
+            x = i % devices_per_node
+            ax.add_patch(Rectangle((x, y), 0.92, 0.9, facecolor=colors(c["pp"] % colors.N),
+                                   alpha=0.35 + 0.5 * (c["dp"] % 2), edgecolor="black"))
+            lines = [f"device {i}", f"stage {c['pp']}", f"replica {c['dp']}"]
+            if dims.fsdp > 1:
+                lines.append(f"shard group {c['fsdp']}")
+            lines.append(f"tensor {c['tp']}/{dims.tp}")
+            ax.text(x + 0.46, y + 0.45, "\n".join(lines), ha="center", va="center", fontsize=7)
+    ax.set_xlim(-1.1, width)
+    ax.set_ylim(0, len(nodes))
+    ax.axis("off")
+    degrees = " x ".join(f"{name} {getattr(dims, k)}" for k, name in
+                         (("pp", "pipeline"), ("dp", "data"), ("fsdp", "sharded data"),
+                          ("tp", "tensor")) if getattr(dims, k) > 1) or "one device"
+    fig.suptitle((title or degrees) + note + f"; {devices_per_node} devices per node",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def draw_schedule(ax, schedule, stages, microbatches, spans, note="", unit=1.0):
     """Draws `spans` ({Action: (start, end)}, e.g. `simulate()["spans"]` or measured ones)
     on `ax`: a row per device, colour per micro-batch; B hatched, W dotted."""

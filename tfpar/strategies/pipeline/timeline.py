@@ -206,6 +206,22 @@ class Timeline:
         return path
 
 
+# How early a FixedCost sleep wakes before its deadline, to spin the rest:
+# a plain 20 ms sleep on a busy 2-core host overshoots by 0.2 ms (measured),
+# which would count the stand-in's imprecision as the pipeline's overhead.
+_SPIN_SECONDS = 0.0005
+
+
+def _sleep_until(deadline: float):
+    """Sleeps until `deadline` (time.perf_counter): most of it in time.sleep,
+    the last half millisecond yielding (time.sleep(0) releases the GIL)."""
+    rest = deadline - time.perf_counter() - _SPIN_SECONDS
+    if rest > 0:
+        time.sleep(rest)
+    while time.perf_counter() < deadline:
+        time.sleep(0)
+
+
 # One lock per device: a device runs one FixedCost sleep at a time, as a real
 # accelerator runs one kernel stream, so the input- and weight-gradient
 # sleeps of one full backward add up instead of overlapping on two threads.
@@ -258,7 +274,7 @@ class FixedCost(keras.layers.Layer):
             def run(a):
                 if seconds > 0:
                     with lock:
-                        time.sleep(seconds)
+                        _sleep_until(time.perf_counter() + seconds)
                 return a
             return run
 
