@@ -203,7 +203,10 @@ def test_sharded_zero_stages_on_four_devices_match_one_device_llama(stage):
     assert max_abs_diff(exact("llama"), model) <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# DataParallel (MirroredStrategy) does not look inside the model: two families
+# with different attention (learned positions; RoPE with grouped queries) stand
+# for the five (all five passed when the table was measured, README.md).
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_data_parallel_matches_one_device(name):
     assert max_abs_diff(exact(name), train(tfpar.DataParallel(), name)) <= TOLERANCE
 

@@ -17,9 +17,9 @@ from keras_hub_table import COLUMNS
 
 pytestmark = [pytest.mark.hub, pytest.mark.multiprocess]
 
-# Rows per column: 5 families x the column's strategies (+ the gather-on-read check,
+# Rows per column: 5 families x the column's strategies, DataParallel on 2 (+ the gather-on-read check,
 # + sharded: Llama FSDP x TP with its own layout map, Llama ZeRO-3 on 4 devices).
-ROWS = {"tensor": 5 + 5 + 3 + 1 + 1 + 1, "data_and_pipeline": 5 + 5}
+ROWS = {"tensor": 5 + 5 + 3 + 1 + 1 + 1, "data_and_pipeline": 2 + 5}
 
 
 @pytest.mark.parametrize("column", sorted(COLUMNS))

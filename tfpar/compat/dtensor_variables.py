@@ -31,6 +31,27 @@ def to_layout(value, layout: dtensor.Layout):
     return dtensor.relayout(value, layout)
 
 
+def initial_value(keras_variable, value):
+    """A Keras variable's initial value (a tensor, or an initializer's callable)
+    as a tensor of the variable's dtype, made outside any traced function."""
+    with tf.init_scope():
+        if callable(value):
+            value = value()
+        return tf.cast(tf.convert_to_tensor(value), keras_variable._dtype)
+
+
+def new_dvariable(keras_variable, value, layout: dtensor.Layout) -> dtensor.DVariable:
+    """The DVariable behind `keras_variable`: `value` (a host tensor) laid out as
+    `layout`, with the Keras variable's name, trainability, aggregation and
+    synchronization (every tfpar strategy makes its DVariables here)."""
+    with tf.init_scope():
+        return dtensor.DVariable(
+            to_layout(value, layout), trainable=keras_variable.trainable,
+            name=keras_variable.name,
+            aggregation=keras_variable._map_aggregation(keras_variable.aggregation),
+            synchronization=keras_variable._map_synchronization(keras_variable.synchronization))
+
+
 def gather(value):
     """A DTensor of any layout -> its whole value on this host (a collective on a mesh)."""
     layout = dtensor.fetch_layout(value)

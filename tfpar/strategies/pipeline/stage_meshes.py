@@ -64,6 +64,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from tfpar import compat
+from tfpar.compat import dtensor_variables
 from tfpar.compat.dtensor_variables import gather, to_layout
 from tfpar.strategies.tensor import layouts
 from tfpar.strategies.tensor import mesh as mesh_lib
@@ -133,11 +134,9 @@ class StageMeshes:
 
     def place(self, variable, layout: dtensor.Layout) -> None:
         """Re-creates the tf.Variable behind a Keras variable as a DVariable with `layout`."""
-        old = variable._value
         with tf.init_scope():
-            variable._value = dtensor.DVariable(
-                to_layout(tf.convert_to_tensor(old.read_value()), layout),
-                trainable=old.trainable, name=variable.name)
+            value = tf.convert_to_tensor(variable._value.read_value())
+        variable._value = dtensor_variables.new_dvariable(variable, value, layout)
         variable._layout = layout  # optimizer slots made later follow it
 
     def place_stages(self, stages, model) -> None:
@@ -166,7 +165,7 @@ class StageMeshes:
         for metric in model.metrics:
             others += list(metric.variables)
         for v in others:
-            if id(v) not in placed and not compat.dtensor_variables.is_dvariable(v):
+            if id(v) not in placed and not dtensor_variables.is_dvariable(v):
                 placed.add(id(v))
                 self.place(v, dtensor.Layout.replicated(self.last, len(v.shape)))
 
@@ -174,20 +173,11 @@ class StageMeshes:
         """A variable created after the split (optimizer slots, metric state):
         a slot follows its weight's layout; the rest is replicated on the last mesh."""
         layout = keras_variable._layout
-        with tf.init_scope():
-            if callable(value):
-                value = value()
-            value = tf.cast(tf.convert_to_tensor(value), keras_variable._dtype)
+        value = dtensor_variables.initial_value(keras_variable, value)
         if not isinstance(layout, dtensor.Layout):
             layout = dtensor.Layout.replicated(self.last, value.shape.rank)
             keras_variable._layout = layout
-        with tf.init_scope():
-            keras_variable._value = dtensor.DVariable(
-                to_layout(value, layout), trainable=keras_variable.trainable,
-                name=keras_variable.name,
-                aggregation=keras_variable._map_aggregation(keras_variable.aggregation),
-                synchronization=keras_variable._map_synchronization(
-                    keras_variable.synchronization))
+        keras_variable._value = dtensor_variables.new_dvariable(keras_variable, value, layout)
 
     # ------------------------------------------------------------------ data
     def pack(self, value, stage: int):

@@ -35,6 +35,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from tfpar import compat
+from tfpar.compat import dtensor_variables
 from tfpar.compat.dtensor_variables import gather, to_layout
 from tfpar.parallel_dims import ParallelDims
 from tfpar.strategies.tensor import layouts
@@ -237,19 +238,10 @@ class TensorParallel(StrategyBase):
 
     def create_variable(self, keras_variable, value) -> dtensor.DVariable:
         """Makes the DVariable behind a Keras variable (called from tfpar.compat)."""
-        with tf.init_scope():
-            if callable(value):
-                value = value()
-            value = tf.cast(tf.convert_to_tensor(value), keras_variable._dtype)
+        value = dtensor_variables.initial_value(keras_variable, value)
         layout = self.variable_layout(keras_variable, value.shape)
         registry.tag(keras_variable, self)  # how a model finds its strategy
-        with tf.init_scope():
-            value = to_layout(value, layout)
-            return dtensor.DVariable(
-                value, trainable=keras_variable.trainable, name=keras_variable.name,
-                aggregation=keras_variable._map_aggregation(keras_variable.aggregation),
-                synchronization=keras_variable._map_synchronization(keras_variable.synchronization),
-            )
+        return dtensor_variables.new_dvariable(keras_variable, value, layout)
 
     # ------------------------------------------------------------------ data
     def pack_batch(self, batch):
