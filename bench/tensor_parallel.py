@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,8 +30,8 @@ import tfpar  # noqa: E402
 tfpar.simulate_devices(4)
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from gpt_step import step_time  # noqa: E402
 
 
 def memory(size, model_axis):
@@ -47,22 +46,6 @@ def memory(size, model_axis):
     return {"model_axis": model_axis, "parameters": tfpar.models.config(size).num_parameters,
             "bytes_per_device": per_device, "bytes_one_device": one_device,
             "ratio_to_one_device": per_device / one_device, "ideal_ratio": 1 / model_axis}
-
-
-def step_time(strategy, size, batch, steps, warmup=3):
-    cfg = tfpar.models.config(size)
-    rng = np.random.RandomState(0)
-    tokens = rng.randint(0, cfg.vocab, size=(batch * (steps + warmup), cfg.seq_len + 1))
-    x, y = tokens[:, :-1].astype("int32"), tokens[:, 1:].astype("int32")
-    scope = strategy.scope() if strategy is not None else tf.device("/cpu:0")
-    with scope:
-        model = tfpar.models.gpt(size)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=tfpar.models.lm_loss(),
-                      jit_compile=False)
-    model.fit(x[: batch * warmup], y[: batch * warmup], batch_size=batch, verbose=0)
-    start = time.perf_counter()
-    model.fit(x[batch * warmup:], y[batch * warmup:], batch_size=batch, verbose=0)
-    return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -80,10 +63,10 @@ def main():
                "memory": [memory(args.memory_size, n) for n in (4, 2)]}
     times = {"one_device": [], "batch:1,model:2": [], "batch:2,model:2": []}
     for _ in range(args.rounds):
-        times["one_device"].append(step_time(None, args.size, args.batch, args.steps))
+        times["one_device"].append(step_time(None, args.size, args.batch, args.steps, warmup=3))
         for mesh in ("batch:2,model:2", "batch:1,model:2"):
             strategy = tfpar.TensorParallel(mesh, "megatron")
-            times[mesh].append(step_time(strategy, args.size, args.batch, args.steps))
+            times[mesh].append(step_time(strategy, args.size, args.batch, args.steps, warmup=3))
     base = statistics.median(times["one_device"])
     results["step_time_s"] = {k: statistics.median(v) for k, v in times.items()}
     results["step_time_ratio_to_one_device"] = {

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,8 +34,8 @@ import tfpar  # noqa: E402
 tfpar.simulate_devices(8)
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from gpt_step import step_time  # noqa: E402
 
 # name: (pp, tp, dp); None: TensorParallel; (0, 0, 0): one device. The
 # largest stage mesh (4 devices) comes before the smaller ones and
@@ -63,23 +62,6 @@ def strategy_for(name, microbatches, schedule):
                           microbatches=microbatches, schedule=schedule)
 
 
-def step_time(strategy, size, batch, steps, warmup=2):
-    cfg = tfpar.models.config(size)
-    tokens = np.random.RandomState(0).randint(
-        0, cfg.vocab, size=(batch * (steps + warmup), cfg.seq_len + 1)).astype("int32")
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    scope = strategy.scope() if strategy is not None else tf.device("/cpu:0")
-    with scope:
-        keras.utils.set_random_seed(0)
-        model = tfpar.models.gpt(size)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=tfpar.models.lm_loss(),
-                      jit_compile=False)
-    model.fit(x[: batch * warmup], y[: batch * warmup], batch_size=batch, verbose=0)
-    start = time.perf_counter()
-    model.fit(x[batch * warmup:], y[batch * warmup:], batch_size=batch, verbose=0)
-    return (time.perf_counter() - start) / steps, cfg.seq_len
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="mini", help="GPT size (tfpar.models.SIZES)")
@@ -91,12 +73,11 @@ def main():
     args = parser.parse_args()
 
     times = {name: [] for name in LAYOUTS}
-    seq_len = None
+    seq_len = tfpar.models.config(args.size).seq_len
     for _ in range(args.rounds):
         for name in LAYOUTS:
-            seconds, seq_len = step_time(strategy_for(name, args.microbatches, args.schedule),
-                                         args.size, args.batch, args.steps)
-            times[name].append(seconds)
+            times[name].append(step_time(strategy_for(name, args.microbatches, args.schedule),
+                                         args.size, args.batch, args.steps, warmup=2))
     base = statistics.median(times["one_device"])
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
