@@ -60,15 +60,10 @@ def span_every_device_first(device_type: str, mesh_devices: int) -> None:
     `device_type` if no mesh exists yet (built first, small meshes would make
     any later, larger one hang), and refuses meshes larger than an existing
     first one, as `build_mesh` does."""
-    global _first_mesh_devices
     if num_clients() > 1:
         return
     if _first_mesh_devices is not None:
-        if mesh_devices > _first_mesh_devices:
-            raise MeshError(
-                f"meshes of {mesh_devices} devices are larger than the {_first_mesh_devices} "
-                "of this process's first mesh; TensorFlow 2.21 hangs on that. Build the "
-                "largest mesh first, or use a new process per mesh size.")
+        _check_not_larger_than_first("a stage mesh", mesh_devices)
         return
     import tensorflow as tf
     from tensorflow.experimental import dtensor
@@ -77,6 +72,16 @@ def span_every_device_first(device_type: str, mesh_devices: int) -> None:
     mesh = build_mesh(("batch",), (count,), device_type=device_type)
     # The hang comes with the first op on a larger mesh: run one here.
     dtensor.copy_to_mesh(tf.zeros([]), dtensor.Layout.replicated(mesh, 0))
+
+
+def _check_not_larger_than_first(what: str, devices: int) -> None:
+    """Refuses a mesh of more devices than this process's first one (TensorFlow
+    2.21 hangs on its first op)."""
+    if _first_mesh_devices is not None and devices > _first_mesh_devices:
+        raise MeshError(
+            f"{what} spans {devices} devices, more than the {_first_mesh_devices} of this "
+            "process's first mesh; TensorFlow 2.21 hangs on that. Build the largest mesh "
+            "first, or use a new process per mesh size.")
 
 
 def num_clients() -> int:
@@ -130,12 +135,7 @@ def build_mesh(names, sizes, device_type: str | None = None, num_local_devices: 
             f"process has {len(devices)}: {[d.name for d in devices]}. Use a smaller mesh, "
             "more devices (--num_simulated_devices on CPU), or more processes (tfpar launch)."
         )
-    if _first_mesh_devices is not None and total > _first_mesh_devices:
-        raise MeshError(
-            f"mesh {dict(zip(names, sizes))} spans {total} devices, more than the "
-            f"{_first_mesh_devices} of this process's first mesh; TensorFlow 2.21 hangs on "
-            "that. Build the largest mesh first, or use a new process per mesh size."
-        )
+    _check_not_larger_than_first(f"mesh {dict(zip(names, sizes))}", total)
     if _first_mesh_devices is None:
         _first_mesh_devices = total
     return dtensor.create_mesh(list(zip(names, sizes)),
