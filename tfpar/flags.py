@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import NoReturn
 
 from absl import flags
 
@@ -386,11 +387,24 @@ def _pipeline_flags(f) -> bool:
     if pipeline and f["num_simulated_devices"]:
         need = (max(stages, (len(points) + 1) // v, f["pp"] or 0)
                 * max(f["pipeline_replicas"], f["dp"] or 1))
-        _check(need < 2 or f["num_simulated_devices"] >= need,
+        # Across processes (a pipeline rank 0 drives) each process holds its share.
+        processes = _processes_in_environment()
+        share = -(-need // processes)
+        over = f" over {processes} processes" if processes > 1 else ""
+        _check(need < 2 or f["num_simulated_devices"] >= share,
                f"--num_simulated_devices={f['num_simulated_devices']} is fewer than the "
-               f"{need} devices the pipeline needs (stages x replicas); use "
-               f"--num_simulated_devices={need}.")
+               f"{need} devices the pipeline needs (stages x replicas){over}; use "
+               f"--num_simulated_devices={share}.")
     return True
+
+
+def _processes_in_environment() -> int:
+    """Training processes of the cluster TF_CONFIG describes (1 without one)."""
+    try:
+        cluster = Cluster.from_env()
+    except ClusterConfigError:
+        return 1  # reported where the cluster is built, with the flags' context
+    return cluster.num_workers if cluster is not None else 1
 
 
 def _virtual_stages(f) -> int:
@@ -605,7 +619,9 @@ def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
     elif name == "tensor" and "tp" not in fixed:
         degrees["tp"] = max(1, _local_device_count(f) * num_clients() // degrees["dp"])
     elif name == "pipeline" and "pp" not in fixed:
-        degrees["pp"] = max(1, _local_device_count(f) // degrees["dp"])
+        cluster = cluster_from_flags(f)
+        processes = cluster.num_workers if cluster is not None else 1
+        degrees["pp"] = max(1, _local_device_count(f) * processes // degrees["dp"])
     if degrees["pp"] > 1:
         return ParallelDims(**degrees, microbatches=f.microbatches, schedule=f.schedule,
                             virtual_stages=f.virtual_stages or None)
@@ -619,6 +635,12 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
     before TensorFlow initializes), then builds OneDevice, DataParallel,
     MultiWorker, TensorParallel or Pipeline. Call it once, at the top of
     `main`. Raises ParallelDimsError when the degrees do not fit the devices.
+
+    A pipeline across processes (--pp under `tfpar launch` or with a
+    cluster) is driven by rank 0: on every other rank this call serves the
+    process's devices until rank 0 ends, then exits the process
+    (`tfpar.cluster.single_controller`), so the code after it runs on rank 0
+    only.
     """
     from tfpar.devices import simulate_devices
     from tfpar.precision import set_precision
@@ -629,12 +651,16 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
     name = resolve_strategy_name(f)
     if name in ("tensor", "sharded"):
         _export_dtensor_clients(f)
+    cluster = None
+    if name == "pipeline":
+        cluster = cluster_from_flags(f)
+        if cluster is not None and cluster.num_workers > 1 and cluster.rank > 0:
+            _serve_pipeline_devices(f, cluster)  # does not return
     # A multi-client DTensor mesh makes its own logical devices
     # (dtensor.initialize_accelerator_system); splitting them here would clash.
     if f.num_simulated_devices and not (name in ("tensor", "sharded") and num_clients() > 1):
         simulate_devices(f.num_simulated_devices)
     set_precision(f.precision)
-    cluster = None
     if name == "multi_worker":
         cluster = cluster_from_flags(f)
         if cluster is None:
@@ -652,6 +678,19 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
                       "collective_timeout_s": f.collective_timeout or None,
                       "heartbeat_timeout_s": f.heartbeat_timeout,
                       "register_timeout_s": f.register_timeout})
+
+
+def _serve_pipeline_devices(f, cluster) -> NoReturn:
+    """Ranks > 0 of a pipeline across processes: serve this process's devices
+    to rank 0, which runs the program, and exit when it ends
+    (`tfpar.cluster.single_controller`)."""
+    import sys
+
+    from tfpar.cluster import single_controller
+
+    sys.exit(single_controller.serve(
+        cluster, num_local_devices=f.num_simulated_devices or None,
+        register_timeout_s=f.register_timeout))
 
 
 def _export_dtensor_clients(f):

@@ -14,7 +14,8 @@ Which strategy runs which degrees:
 | tp (x dp) | `TensorParallel` on the mesh "batch:dp,model:tp" |
 | fsdp (x tp, or x dp: HSDP) | `ShardedDataParallel` (ZeRO-`zero_stage`) on "batch:dp*fsdp,model:tp" |
 | pp (x dp) | `Pipeline` with pp stages and dp replicas |
-| pp x tp (x dp) | `Pipeline` whose stages are DTensor meshes "batch:dp,model:tp" (`stage_meshes`) |
+| pp (x dp) across processes | `Pipeline` driven by rank 0 over every process's devices (`tfpar.cluster.single_controller`) |
+| pp x tp (x dp) | `Pipeline` whose stages are DTensor meshes "batch:dp,model:tp" (`stage_meshes`), one process |
 | fsdp x pp | refused: not in this release (`ParallelDims.unsupported`) |
 """
 
@@ -39,12 +40,14 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
         mesh with a model axis of 1 is still `TensorParallel`); default: the
         one `dims.strategy_kind()` picks.
       cluster: a `tfpar.cluster.Cluster` when this process is one of several
-        (data parallelism across workers, or a multi-client tensor mesh).
+        (data parallelism across workers, a multi-client tensor mesh, or a
+        pipeline across processes, which rank 0 drives).
       layouts: `TensorParallel`'s LayoutMap or preset name.
       split_points: `Pipeline`'s cut points (layer names), else balanced cuts.
       all_reduce: `DataParallel`'s all-reduce, or `MultiWorker`'s communication.
       num_local_devices: devices per process of a multi-client mesh (CPU).
-      multi_worker: further `MultiWorker` arguments (timeouts, pack_bytes).
+      multi_worker: further `MultiWorker` arguments (timeouts, pack_bytes); a
+        pipeline across processes takes its heartbeat and register timeouts.
       reduce_dtype: `DataParallel`'s and `MultiWorker`'s gradient all-reduce dtype.
 
     Raises ParallelDimsError when the degrees do not fit the devices, or
@@ -94,13 +97,42 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
     if kind == "tensor":
         return strategies.TensorParallel(dims.mesh_spec(), layouts,
                                          num_local_devices=num_local_devices)
-    if dims.tp > 1 and cluster is not None:
-        raise ParallelDimsError(
-            f"{dims}: a pipeline of tensor-parallel stages runs in one process (its stage "
-            "meshes copy activations between each other, which DTensor does only between "
-            "meshes of the same processes); run it without tfpar launch, on one host.")
+    devices = None
+    if cluster is not None and cluster.num_workers > 1:
+        if dims.tp > 1:
+            raise ParallelDimsError(
+                f"{dims}: a pipeline of tensor-parallel stages runs in one process (its stage "
+                "meshes copy activations between each other, which DTensor does only between "
+                "meshes of the same processes). Across processes a pipeline's stages run "
+                "without tensor parallelism: drop --tp, or run on one host without tfpar "
+                "launch.")
+        devices = _devices_across_processes(dims, cluster, multi_worker or {})
     return strategies.Pipeline(stages=dims.pp, split_points=split_points,
                                microbatches=dims.microbatches, schedule=dims.schedule,
                                virtual_stages=dims.virtual_stages, replicas=dims.dp,
-                               tensor_parallel=dims.tp,
+                               tensor_parallel=dims.tp, devices=devices,
                                layout_map=layouts if dims.tp > 1 else "megatron")
+
+
+def _devices_across_processes(dims: ParallelDims, cluster, timeouts: dict) -> list[list[str]]:
+    """The pipeline's devices when its stages live in several processes: rank 0
+    connects to every process (`tfpar.cluster.single_controller`) and lays the
+    job's devices out pipeline-outermost, then data (stage k's replica r is
+    device k*dp + r in rank order), as `ParallelDims.coordinates` does."""
+    from tfpar.cluster import single_controller
+
+    if cluster.rank != 0:
+        raise ParallelDimsError(
+            f"rank {cluster.rank} of a pipeline across processes serves its devices to rank "
+            "0 and builds no strategy: call tfpar.cluster.single_controller.serve(cluster) "
+            "there (tfpar.flags.from_flags does).")
+    per_process = single_controller.connect(
+        cluster, heartbeat_timeout_s=timeouts.get("heartbeat_timeout_s", 10.0),
+        register_timeout_s=timeouts.get("register_timeout_s", 300.0))
+    flat = [device for devices in per_process for device in devices]
+    if dims.pp * dims.dp != len(flat):
+        raise ParallelDimsError(
+            f"{dims} needs pp x dp = {dims.pp * dims.dp} devices, but the job has "
+            f"{len(per_process)} processes x {len(per_process[0])} devices = {len(flat)}. "
+            "Change --pp/--dp, the number of processes, or the devices per process.")
+    return [[flat[k * dims.dp + r] for k in range(dims.pp)] for r in range(dims.dp)]

@@ -1,0 +1,216 @@
+"""Pipelines whose stages live in different processes (`tfpar.cluster.single_controller`).
+
+Rank 0 drives every process's devices; the others serve them. Each case is
+real processes on loopback: under `tfpar launch` (as a user runs it), or
+started one by one where a test stops or kills one of them.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import tfpar.models.transformer  # noqa: F401  (registers the GPT's layers for load_model)
+from consistency_cases import TOLERANCE
+from conftest import REPO, WORKERS, tfpar_cli
+from tfpar import exit_codes
+from tfpar.cluster import Cluster
+from tfpar.cluster import single_controller
+from tfpar.launch import free_ports
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = [sys.executable, str(WORKERS / "pipeline_across_processes.py")]
+
+
+def last_json(output):
+    for line in reversed(output.splitlines()):
+        start = line.find("{")
+        if start >= 0 and line[start:].startswith('{"max_abs_diff"'):
+            return json.loads(line[start:])
+    raise AssertionError(output[-3000:])
+
+
+# (processes, devices per process, flags): which devices hold which stage and replica.
+LAYOUTS = {
+    # One stage per process, each data-parallel over its 2 devices.
+    "pp2 across 2 processes x dp2 inside": (2, 2, ["--pp=2", "--dp=2", "--schedule=1f1b"]),
+    # Stage 0's replicas on ranks 0 and 1, stage 1's on ranks 2 and 3.
+    "pp2 x dp2 over 4 processes": (4, 1, ["--pp=2", "--dp=2", "--schedule=gpipe"]),
+    # V shape: rank 0 holds the first and last model stages, rank 1 the middle two.
+    "zbv over 2 processes": (2, 1, ["--pp=2", "--schedule=zbv"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_pipeline_across_processes_equals_the_exact_single_device_run(layout):
+    """10 AdamW steps of a 2-block GPT, 4 micro-batches, under `tfpar launch`."""
+    processes, devices, flags = LAYOUTS[layout]
+    result = tfpar_cli("launch", "--nproc", str(processes), "--", *WORKER, *flags,
+                       "--microbatches=4", f"--num_simulated_devices={devices}", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    row = last_json(result.stdout)
+    assert row["moved"] > 100 * TOLERANCE
+    assert row["max_abs_diff"] <= TOLERANCE, row
+    assert row["plain_from_pipeline"] == 0.0  # its weights load into a plain model
+    assert row["dims"]["world_size"] == processes * devices
+    # Every process holds devices of the pipeline, and stage 1's variables live
+    # on the process that holds it.
+    tasks = {single_controller.task_prefix(r) for r in range(processes)}
+    assert {d.rsplit("/device:", 1)[0] for d in row["devices"]} == tasks
+    assert len({d.rsplit("/device:", 1)[0] for d in row["variable_devices"]}) == 2
+    # Every server exited when rank 0 ended.
+    for rank in range(1, processes):
+        assert f"the controller ended; rank {rank} exits with 0" in result.stdout
+
+
+def start(ports, rank, *flags):
+    cluster = Cluster.from_hosts([f"127.0.0.1:{p}" for p in ports], task_index=rank)
+    env = dict(os.environ, TF_CONFIG=cluster.to_json(), PYTHONUNBUFFERED="1",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([*WORKER, "--pp=2", "--microbatches=2",
+                             "--num_simulated_devices=1", *flags], env=env, cwd=REPO,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for_training(controller, timeout=120):
+    lines, deadline = [], time.monotonic() + timeout
+    for line in controller.stdout:
+        lines.append(line)
+        if line.startswith("training") or time.monotonic() > deadline:
+            break
+    assert lines and lines[-1].startswith("training"), "".join(lines)[-3000:]
+    time.sleep(2)  # a few steps into the run
+
+
+def kill_all(*processes):
+    for p in processes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_lost_stage_process_fails_the_controller_within_the_heartbeat_bound(fault):
+    """A stage process that hangs (SIGSTOP: it answers nothing) or dies
+    (SIGKILL: its connection resets) ends rank 0 with PEER_LOST (211, which
+    restarts the group) instead of leaving it blocked in the step."""
+    ports = free_ports(2)
+    flags = ("--steps=100000", "--heartbeat_timeout=3")
+    controller, server = start(ports, 0, *flags), start(ports, 1, *flags)
+    try:
+        wait_for_training(controller)
+        lost = time.monotonic()
+        os.kill(server.pid, getattr(signal, fault))
+        try:
+            output, _ = controller.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still runs 60 s after {fault} of rank 1")
+        seconds = time.monotonic() - lost
+    finally:
+        kill_all(controller, server)
+    print(f"{fault}: rank 0 exited with {controller.returncode} after {seconds:.1f} s")
+    if fault == "SIGSTOP":
+        assert controller.returncode == exit_codes.PEER_LOST, output[-3000:]
+        assert re.search(r"/job:worker/replica:0/task:0/device:CPU:0 answered nothing for 3 s",
+                         output), output[-3000:]
+        # Its last answer came at most a ping interval (timeout / 4) before the stop.
+        assert 3 * 3 / 4 <= seconds < 3 + 5, seconds
+    else:  # the step fails at once: an uncaught error in this worker, rank 0 exits 1
+        assert controller.returncode not in (0, None), output[-3000:]
+        assert "UnavailableError" in output or "answered nothing" in output, output[-3000:]
+        assert seconds < 3 + 5, seconds
+
+
+# ------------------------------------------------ tfpar train, under tfpar launch
+# 24 optimizer steps checkpointed every 6, as tests/test_preemption.py trains.
+TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--model=tiny", "--tokenizer=bytes",
+         "--layers=1", "--seq_len=32", "--global_batch_size=16", "--train_steps=24",
+         "--eval_every=6", "--eval_batches=2", "--warmup_steps=2", "--lr_decay_steps=24",
+         "--sample_tokens=8", "--peak_tflops=1", "--pp=2", "--microbatches=2",
+         "--num_simulated_devices=1", "--heartbeat_timeout=3"]
+
+
+def launch(out, data_dir, *launch_flags):
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tfpar.cli.main", "launch", "--nproc", "2", *launch_flags, "--",
+         *TRAIN, f"--data_dir={data_dir}", f"--output_dir={out}"],
+        env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2"), cwd=REPO,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def children(pid):
+    """{TFPAR_RANK: pid} of the processes `pid` started."""
+    ranks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"TFPAR_RANK" in env:
+            ranks[int(env[b"TFPAR_RANK"])] = int(entry)
+    return ranks
+
+
+def final_weights(out):
+    model = keras.saving.load_model(str(out / "model.keras"))
+    return {v.path: v.numpy() for v in model.weights}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tfpar.data import corpus
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    corpus.prepare(corpus.DEFAULT_DATASET, path)
+    return path
+
+
+def test_tfpar_train_resumes_bit_identically_after_its_stage_process_is_killed(
+        data_dir, tmp_path):
+    """`tfpar train --pp=2` over 2 processes: rank 1 (stage 1's server) is killed
+    mid-training; the launcher restarts the group, which resumes from rank 0's
+    last checkpoint and ends with the uninterrupted run's weights, bit for bit."""
+    clean = tmp_path / "clean"
+    job = launch(clean, data_dir)
+    assert job.wait(timeout=240) == 0, (tmp_path / "clean.log").read_text()[-3000:]
+    summary = json.loads((clean / "summary.json").read_text())
+    assert summary["dims"]["pp"] == 2 and len(summary["strategy_details"]["devices"]) == 2
+
+    out = tmp_path / "out"
+    job = launch(out, data_dir, "--max_restarts=1")
+    log = tmp_path / "out.log"
+    try:
+        deadline = time.monotonic() + 180
+        while "Epoch 3/4" not in log.read_text():  # epoch 2's checkpoint is taken
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(children(job.pid)[1], signal.SIGKILL)
+        assert job.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    output = log.read_text()
+    assert "rank 1" in output and "restart" in output, output[-3000:]
+    resumed_at = re.search(r"at optimizer step (\d+) of 24", output)
+    assert resumed_at and resumed_at.group(1) in ("6", "12"), output[-3000:]
+    expected, got = final_weights(clean), final_weights(out)
+    assert expected.keys() == got.keys()
+    assert not [k for k in expected if not np.array_equal(expected[k], got[k])]
