@@ -15,7 +15,7 @@ Example::
     plan = recommend(work, Hardware(devices=1024))        # 8-GPU A100-80GB nodes
     plan.best.dims            # ParallelDims(dp=16, tp=8, pp=8, microbatches=96)
     plan.best.micro_batch     # 1 sequence per micro-batch
-    plan.best.tfpar_flags     # '--dp=16 --tp=8 --pp=8 ...' or None (not runnable here)
+    plan.best.tfpar_flags     # '--dp=16 --tp=8 --pp=8 ...', or None: tfpar cannot run it
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
     """
     if dims.unsupported() is not None:
         return None
-    if dims.pp_enabled and dims.world_size > hw.devices_per_node:
-        return None  # tfpar's pipeline (of devices, or of tensor-parallel meshes) is one host's
+    if dims.pp_enabled and dims.tp > 1 and dims.world_size > hw.devices_per_node:
+        # Tensor-parallel stage meshes copy between each other only within one
+        # process; a pipeline of plain stages spans hosts (rank 0 drives them).
+        return None
     per_step = dims.batch_shards * micro_batch
     extra = []
     if dims.pp_enabled:
@@ -205,6 +207,7 @@ def _reasons(plan: Plan) -> list[str]:
                        f"--recompute={work.recompute}; Megatron-LM's published runs recompute)")
     if best.tfpar_flags is None:
         runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
-        reasons.append("tfpar cannot run this layout yet (a pipeline across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
-                                          if runnable else ""))
+        reasons.append("tfpar cannot run this layout yet (a pipeline of tensor-parallel "
+                       "stages across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
+                                                 if runnable else ""))
     return reasons
