@@ -10,6 +10,7 @@ import tfpar
 from tfpar import flags as tfpar_flags
 from tfpar.train import flags as train_flags
 from tfpar.cluster import ClusterConfigError
+from tfpar.parallel_dims import ParallelDimsError
 
 FLAGS = flags.FLAGS
 train_flags.define_train_flags(FLAGS)  # the strategy flags are defined by tfpar.flags
@@ -87,6 +88,30 @@ def test_auto_picks_multi_worker_when_a_cluster_is_configured(monkeypatch):
     parse()
     assert tfpar_flags.resolve_strategy_name() == "multi_worker"
     assert tfpar_flags.cluster_from_flags().rank == 1
+
+
+def test_a_pipeline_across_processes_needs_its_share_of_devices_in_each(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+         "task": {"type": "worker", "index": 1}}))
+    parse("--pp=2", "--dp=2", "--num_simulated_devices=2")  # 4 devices over 2 processes
+    assert tfpar_flags.resolve_strategy_name() == "pipeline"
+    assert tfpar_flags.dims_from_flags() == tfpar.ParallelDims(pp=2, dp=2)
+    FLAGS.unparse_flags()
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match="fewer than the 4 devices the pipeline needs .stages x replicas. "
+                             "over 2 processes; use --num_simulated_devices=2"):
+        parse("--pp=2", "--dp=2", "--num_simulated_devices=1")
+    FLAGS.unparse_flags()
+    parse("--strategy=pipeline", "--num_simulated_devices=2")  # a stage per device of the job
+    assert tfpar_flags.dims_from_flags().pp == 4
+
+
+def test_tensor_parallel_stages_across_processes_are_refused_with_the_reason():
+    cluster = tfpar.cluster.Cluster.from_hosts(["127.0.0.1:1", "127.0.0.1:2"])
+    with pytest.raises(ParallelDimsError, match="Across processes a pipeline's stages "
+                                                "run without tensor parallelism"):
+        tfpar.strategies.build(tfpar.ParallelDims(pp=2, tp=2), cluster=cluster)
 
 
 def test_one_device_flag_builds_one_device():

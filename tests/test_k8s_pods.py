@@ -42,10 +42,11 @@ _tags = itertools.count()
 EGRESS = "--egress=10.99.0.0/16:443"
 
 
-def render_job(tmp_path, *worker_flags, render_flags=()):
-    """Renders the Indexed Job; returns its documents by kind."""
-    command = ["python", "tests/workers/mlp_worker.py", "--strategy=multi_worker", *TRAINING,
-               *worker_flags]
+def render_job(tmp_path, *worker_flags, render_flags=(), command=None):
+    """Renders the Indexed Job (of `command`, else the MLP worker with
+    `worker_flags`); returns its documents by kind."""
+    command = command or ["python", "tests/workers/mlp_worker.py", "--strategy=multi_worker",
+                          *TRAINING, *worker_flags]
     out = tmp_path / f"job{next(_tags)}.yaml"
     result = tfpar_cli("k8s", "render", f"--name={NAME}", "--image=tfpar:test",
                        f"--workers={WORKERS}", f"--checkpoint_dir={tmp_path / 'ckpt'}",
@@ -244,3 +245,47 @@ def test_sigterm_to_all_pods_checkpoints_and_the_relaunch_resumes_to_the_same_we
     for rank in range(WORKERS):
         for a, b in zip(weights(clean, 0), weights(out, rank)):
             assert np.array_equal(a, b)
+
+
+# A pipeline across the pods: rank 0 drives the stages on every pod's CPU
+# (tfpar.cluster.single_controller), reaching them at their pod addresses.
+PIPELINE = ["python", "tests/workers/pipeline_across_processes.py", f"--pp={WORKERS}",
+            "--microbatches=3", "--num_simulated_devices=1", "--heartbeat_timeout=3"]
+
+
+def pipeline_pods(network, tmp_path, *flags):
+    documents = render_job(tmp_path, command=[*PIPELINE, *flags])
+    (container,) = documents["Job"]["spec"]["template"]["spec"]["containers"]
+    return start_pods(network, container)
+
+
+@needs_netns
+def test_a_pipeline_across_three_pods_equals_the_exact_single_device_run(network, tmp_path):
+    processes = pipeline_pods(network, tmp_path)
+    codes, outputs = wait_all(processes)
+    assert codes == [0] * WORKERS, outputs[0][-3000:]
+    row = json.loads(outputs[0].strip().splitlines()[-1])
+    assert row["max_abs_diff"] <= 1e-5 and row["moved"] > 1e-3, row
+    assert len({d.rsplit("/device:", 1)[0] for d in row["variable_devices"]}) == WORKERS
+    for output in outputs[1:]:
+        assert "the controller ended" in output, output[-2000:]
+
+
+@needs_netns
+def test_cutting_a_stage_pods_link_ends_the_pipeline_within_the_heartbeat_bound(
+        network, tmp_path):
+    """No connection resets when a link is cut: only the controller's heartbeat
+    notices, and it ends rank 0 with PEER_LOST (211) instead of a hang."""
+    processes = pipeline_pods(network, tmp_path, "--steps=100000")
+    head = read_until(processes[0], "training")
+    assert head.endswith("training\n"), head[-3000:]
+    time.sleep(2)
+    network.cut(2)
+    cut_at = time.monotonic()
+    output = processes[0].communicate(timeout=60)[0]
+    detected = time.monotonic() - cut_at
+    print(f"rank 0 exited {processes[0].returncode} {detected:.1f} s after the link cut")
+    assert processes[0].returncode == exit_codes.PEER_LOST, output[-3000:]
+    assert "task:1/device:CPU:0 answered nothing for 3 s" in output, output[-3000:]
+    assert detected < 3 + 5, detected
+    network.kill_all()

@@ -399,12 +399,13 @@ def _pipeline_flags(f) -> bool:
 
 
 def _processes_in_environment() -> int:
-    """Training processes of the cluster TF_CONFIG describes (1 without one)."""
+    """Training processes of the cluster TF_CONFIG or a pod's environment
+    describes (1 without one)."""
     try:
-        cluster = Cluster.from_env()
+        found = discover()
     except ClusterConfigError:
         return 1  # reported where the cluster is built, with the flags' context
-    return cluster.num_workers if cluster is not None else 1
+    return found.cluster.num_workers if found is not None else 1
 
 
 def _virtual_stages(f) -> int:
