@@ -191,7 +191,8 @@ CLI_CASES = {
                               "--zero_stage=3"),
     "hsdp with recompute": Cli("train --fsdp=2 --dp=2 --recompute=full --num_simulated_devices=4",
                                "--recompute=full", "--recompute=none", at_parse=False),
-    "fsdp x pp unsupported": Cli("info --fsdp=2 --pp=2", "fsdp=2, pp=2", "--pp with --dp"),
+    "fsdp x pp below stage 3": Cli("info --fsdp=2 --pp=2 --zero_stage=1", "zero_stage=1",
+                                   "--zero_stage=3"),
     "zero stage unknown": Cli("train --fsdp=2 --zero_stage=4", "--zero_stage=4", "2 (+ gradients)"),
     "zero stage without fsdp": Cli("info --zero_stage=2", "--zero_stage=2", "add --fsdp=N"),
     "reduce dtype with tp": Cli("train --tp=2 --reduce_dtype=bfloat16", "--reduce_dtype=bfloat16",
@@ -442,9 +443,9 @@ LIBRARY_CASES = {
     "ShardedDataParallel zero stage": Lib(
         lambda: tfpar.ShardedDataParallel(fsdp=4, zero_stage=4), ParallelDimsError,
         "zero_stage=4", "1 (optimizer state sharded)"),
-    "ParallelDims fsdp x pp unsupported": Lib(
-        lambda: ParallelDims(fsdp=2, pp=2).check_runnable(), ParallelDimsError, "fsdp=2, pp=2",
-        "--pp with --dp"),
+    "ParallelDims fsdp x pp x dp unsupported": Lib(
+        lambda: ParallelDims(fsdp=2, pp=2, dp=2).check_runnable(), ParallelDimsError,
+        "dp=2 x fsdp=2", "--fsdp=4 --zero_stage=3 without --dp"),
     "ParallelDims schedule unknown": Lib(
         lambda: ParallelDims(pp=2, schedule="zigzag"), ParallelDimsError, "'zigzag'",
         "use one of"),

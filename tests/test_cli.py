@@ -145,8 +145,9 @@ def test_degree_flags_that_disagree_with_a_shorthand_are_refused_naming_both(arg
 
 
 @pytest.mark.parametrize("argv, reason", [
-    (["--fsdp=2", "--pp=2"], "sharded data parallelism with a pipeline (fsdp=2, pp=2) is not "
-                             "available in this tfpar release"),
+    (["--fsdp=2", "--pp=2", "--dp=2"], "a pipeline shards its stages at ZeRO stage 3 over "
+                                       "every data device of a stage (fsdp), not with dp=2 x "
+                                       "fsdp=2"),
 ])
 def test_degrees_this_release_cannot_run_are_refused_at_parse_time(argv, reason):
     with pytest.raises(flags.IllegalFlagValueError, match=re.escape(reason)):

@@ -71,7 +71,7 @@ def test_bad_degrees_are_refused_naming_the_value_and_the_rule(kwargs, message):
     (ParallelDims(), "one_device"), (ParallelDims(dp=4), "data"),
     (ParallelDims(dp=2, tp=2), "tensor"), (ParallelDims(pp=2, dp=2), "pipeline"),
     (ParallelDims(fsdp=4), "sharded"), (ParallelDims(fsdp=2, tp=2, zero_stage=1), "sharded"),
-    (ParallelDims(pp=2, tp=2, dp=2), "pipeline"),
+    (ParallelDims(pp=2, tp=2, dp=2), "pipeline"), (ParallelDims(pp=2, fsdp=2, tp=2), "pipeline"),
 ])
 def test_each_runnable_combination_has_one_strategy(dims, kind):
     assert dims.strategy_kind() == kind
@@ -79,7 +79,7 @@ def test_each_runnable_combination_has_one_strategy(dims, kind):
 
 
 @pytest.mark.parametrize("dims, message", [
-    (ParallelDims(fsdp=2, pp=2), "not available in this tfpar release"),
+    (ParallelDims(fsdp=2, pp=2, zero_stage=1), "not with zero_stage=1"),
 ])
 def test_degrees_this_release_cannot_run_are_refused_saying_so(dims, message):
     assert message in dims.unsupported()

@@ -105,7 +105,8 @@ def test_a_named_strategy_runs_degrees_it_can_hold():
 
 @pytest.mark.parametrize("dims, message", [
     (ParallelDims(fsdp=2, dp=2, zero_stage=1), "replicas of sharded groups (dp=2 x fsdp=2, HSDP) run"),
-    (ParallelDims(fsdp=2, pp=2), "sharded data parallelism with a pipeline (fsdp=2, pp=2)"),
+    (ParallelDims(fsdp=2, pp=2, dp=2), "a pipeline shards its stages at ZeRO stage 3 over every "
+                                       "data device of a stage (fsdp), not with dp=2 x fsdp=2"),
     (ParallelDims(dp=8), "= 8 devices, but the job has 4"),
 ])
 def test_build_refuses_what_cannot_run_naming_the_degrees(dims, message):

@@ -47,15 +47,19 @@ def test_every_layout_and_schedule_on_eight_devices_matches_one_device():
     # global_clipnorm: one norm over both stage meshes, as over one device's gradients.
     clipped = rows.pop("clipped")
     assert clipped["max_abs_diff"] <= TOLERANCE and clipped["clipping_moved"] > 100 * TOLERANCE
-    assert len(rows) == 6, rows
+    assert len(rows) == 8, rows
     for name, row in rows.items():
         assert row["max_abs_diff"] <= TOLERANCE, (name, row)
         dims = row["dims"]
-        assert dims["pp"] * dims["tp"] * dims["dp"] == dims["world_size"] == 8
-        # A device holds its stage's part of the tensor split: less than 1/tp of
-        # the model (a whole model split tp ways, with its LayerNorms whole, is more).
-        assert row["parameter_bytes_per_device"] < row["parameter_bytes_total"] / dims["tp"], (
+        assert dims["pp"] * dims["tp"] * dims["dp"] * dims["fsdp"] == dims["world_size"] == 8
+        # A device holds its stage's part of the tensor (and ZeRO-3) split: less
+        # than 1/(tp x fsdp) of the model (a whole model split that many ways, with
+        # its LayerNorms whole, is more).
+        split = dims["tp"] * dims["fsdp"]
+        assert row["parameter_bytes_per_device"] < row["parameter_bytes_total"] / split, (
             name, row)
+        if dims["fsdp"] > 1:  # the optimizer state is sharded with its weight
+            assert row["optimizer_bytes_per_device"] < 2.1 * row["parameter_bytes_per_device"]
 
 
 def data_path(sources: set, targets) -> bool:
@@ -123,10 +127,29 @@ def test_tensor_parallel_stages_split_each_weight_on_its_stage_mesh():
         strategy.dims
 
 
+@pytest.mark.multiprocess
+def test_sharded_stages_keep_a_shard_of_each_weight_and_its_optimizer_state():
+    """pp 2 x fsdp 2 (ZeRO-3 inside each stage): every weight that divides is
+    split on its stage mesh's batch axis, so a device holds about a quarter."""
+    strategy = tfpar.strategies.build(tfpar.ParallelDims(pp=2, fsdp=2, microbatches=2))
+    assert isinstance(strategy, tfpar.Pipeline) and strategy.batch_axis == "batch"
+    model = compiled(strategy)
+    strategy.prepare(model)
+    up = next(w for w in model.weights if w.path.endswith("mlp_up/kernel"))
+    assert "batch" in up._layout.sharding_specs
+    slots = [v for v in model.optimizer.variables
+             if v.path.split("/")[-1].startswith(up.path.replace("/", "_") + "_")]
+    assert slots and all(v._layout == up._layout for v in slots)
+    report = strategy.memory_report(model)
+    assert report["parameter_bytes_per_device"] < 0.3 * report["parameter_bytes_total"]
+    assert strategy.dims == tfpar.ParallelDims(pp=2, fsdp=2, microbatches=2)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: tfpar.Pipeline(stages=2, tensor_parallel=0), "tensor_parallel=0: must be"),
     (lambda: tfpar.Pipeline(stages=2, tensor_parallel=2, record_timeline=True),
-     "record_timeline=True with tensor_parallel > 1"),
+     "record_timeline=True with tensor_parallel or fsdp > 1"),
+    (lambda: tfpar.Pipeline(stages=2, fsdp=2, replicas=2), "use fsdp=4 (replicas=1)"),
     (lambda: tfpar.Pipeline(stages=4, tensor_parallel=2), "needs 8 devices; this process has 4 (CPU)"),
     (lambda: tfpar.Pipeline(stages=2, tensor_parallel=2, devices=["CPU:0", "CPU:1", "CPU:2"]),
      "3 devices do not make 2 stages of 2"),

@@ -625,7 +625,8 @@ def dims_from_flags(flag_values: flags.FlagValues = FLAGS) -> ParallelDims:
         degrees["pp"] = max(1, _local_device_count(f) * processes // degrees["dp"])
     if degrees["pp"] > 1:
         return ParallelDims(**degrees, microbatches=f.microbatches, schedule=f.schedule,
-                            virtual_stages=f.virtual_stages or None)
+                            virtual_stages=f.virtual_stages or None,
+                            zero_stage=f.zero_stage or 3)
     return ParallelDims(**degrees, zero_stage=f.zero_stage or 3)
 
 

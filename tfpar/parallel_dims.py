@@ -176,10 +176,12 @@ class ParallelDims:
     # ---------------------------------------------------- what tfpar runs
     def unsupported(self) -> str | None:
         """Why this tfpar release cannot run these degrees, or None if it can."""
-        if self.fsdp_enabled and self.pp_enabled:
-            return (f"sharded data parallelism with a pipeline (fsdp={self.fsdp}, "
-                    f"pp={self.pp}) is not available in this tfpar release; use --fsdp "
-                    "(with --tp), or --pp with --dp")
+        if self.fsdp_enabled and self.pp_enabled and (self.dp_enabled or self.zero_stage < 3):
+            why = (f"dp={self.dp} x fsdp={self.fsdp}" if self.dp_enabled
+                   else f"zero_stage={self.zero_stage}")
+            return (f"a pipeline shards its stages at ZeRO stage 3 over every data device "
+                    f"of a stage (fsdp), not with {why}; use --fsdp={self.dp * self.fsdp} "
+                    "--zero_stage=3 without --dp")
         if self.fsdp_enabled and self.dp_enabled and (self.tp_enabled or self.zero_stage < 3):
             return (f"replicas of sharded groups (dp={self.dp} x fsdp={self.fsdp}, HSDP) run "
                     f"at ZeRO stage 3 without tensor parallelism, not with zero_stage="

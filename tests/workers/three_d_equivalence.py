@@ -1,4 +1,4 @@
-"""Prints one JSON line: for each pipeline x tensor x data layout on 8 devices
+"""Prints one JSON line: for each pipeline x tensor x (sharded) data layout on 8 devices
 and each schedule, max |dw| from the exact single-device run after 10 AdamW
 steps of a GPT, and the bytes its fullest device keeps.
 
@@ -20,7 +20,9 @@ from consistency_cases import max_abs_diff, train_lm  # noqa: E402
 STEPS, BATCH, MICROBATCHES = 10, 16, 4
 # 4 heads and a vocabulary of 64: a 4-way model axis splits both.
 SHAPE = tfpar.models.GPTConfig(layers=2, hidden=32, heads=4, vocab=64, seq_len=16)
-LAYOUTS = {"pp2 tp2 dp2": (2, 2, 2), "pp2 tp4": (2, 4, 1), "pp4 tp2": (4, 2, 1)}
+# name: (pp, tp, dp, fsdp)
+LAYOUTS = {"pp2 tp2 dp2": (2, 2, 2, 1), "pp2 tp4": (2, 4, 1, 1), "pp4 tp2": (4, 2, 1, 1),
+           "pp2 tp2 fsdp2": (2, 2, 1, 2)}
 SCHEDULES = sys.argv[1].split(",") if len(sys.argv) > 1 else ["gpipe", "1f1b"]
 
 
@@ -51,9 +53,9 @@ def main():
     keras.utils.set_random_seed(0)
     start = tfpar.models.gpt(SHAPE)  # the initial weights every run starts from
     rows = {"moved": max_abs_diff(exact, start)}
-    for name, (pp, tp, dp) in LAYOUTS.items():
+    for name, (pp, tp, dp, fsdp) in LAYOUTS.items():
         for schedule in SCHEDULES:
-            strategy = tfpar.Pipeline(stages=pp, tensor_parallel=tp, replicas=dp,
+            strategy = tfpar.Pipeline(stages=pp, tensor_parallel=tp, replicas=dp, fsdp=fsdp,
                                       microbatches=MICROBATCHES, schedule=schedule)
             model = train_lm(strategy, SHAPE, steps=STEPS, batch=BATCH)
             report = strategy.memory_report(model)

@@ -16,7 +16,7 @@ Which strategy runs which degrees:
 | pp (x dp) | `Pipeline` with pp stages and dp replicas |
 | pp (x dp) across processes | `Pipeline` driven by rank 0 over every process's devices (`tfpar.cluster.single_controller`) |
 | pp x tp (x dp) | `Pipeline` whose stages are DTensor meshes "batch:dp,model:tp" (`stage_meshes`), one process |
-| fsdp x pp | refused: not in this release (`ParallelDims.unsupported`) |
+| pp x fsdp (x tp) | `Pipeline` whose stage meshes "batch:fsdp,model:tp" shard their weights (ZeRO-3) |
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tfpar.parallel_dims import ParallelDims, ParallelDimsError
 
 # The degrees each strategy can run besides data replicas.
 _RUNS = {"one_device": (), "data": (), "multi_worker": (), "tensor": ("tp",),
-         "sharded": ("fsdp", "tp"), "pipeline": ("pp", "tp")}
+         "sharded": ("fsdp", "tp"), "pipeline": ("pp", "tp", "fsdp")}
 
 
 def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts="megatron",
@@ -99,9 +99,9 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
                                          num_local_devices=num_local_devices)
     devices = None
     if cluster is not None and cluster.num_workers > 1:
-        if dims.tp > 1:
+        if dims.tp > 1 or dims.fsdp > 1:
             raise ParallelDimsError(
-                f"{dims}: a pipeline of tensor-parallel stages runs in one process (its stage "
+                f"{dims}: a pipeline of tensor-parallel or sharded stages runs in one process (its stage "
                 "meshes copy activations between each other, which DTensor does only between "
                 "meshes of the same processes). Across processes a pipeline's stages run "
                 "without tensor parallelism: drop --tp, or run on one host without tfpar "
@@ -110,7 +110,7 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
     return strategies.Pipeline(stages=dims.pp, split_points=split_points,
                                microbatches=dims.microbatches, schedule=dims.schedule,
                                virtual_stages=dims.virtual_stages, replicas=dims.dp,
-                               tensor_parallel=dims.tp, devices=devices,
+                               tensor_parallel=dims.tp, fsdp=dims.fsdp, devices=devices,
                                layout_map=layouts if dims.tp > 1 else "megatron")
 
 

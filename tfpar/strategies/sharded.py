@@ -126,20 +126,8 @@ class ShardedDataParallel(TensorParallel):
 
     # ------------------------------------------------------------- layouts
     def sharded(self, layout: dtensor.Layout, shape) -> dtensor.Layout:
-        """`layout` with the batch axis added on the largest free dimension that
-        divides by its size (`layout` itself when there is none, or when the
-        LayoutMap already uses the batch axis)."""
-        specs = list(layout.sharding_specs)
-        n = self.num_replicas_in_sync
-        if n == 1 or self.batch_axis in specs:
-            return layout
-        free = [i for i, s in enumerate(specs)
-                if s == dtensor.UNSHARDED and int(shape[i]) % n == 0 and int(shape[i]) >= n]
-        if not free:
-            return layout
-        dim = max(free, key=lambda i: (int(shape[i]), -i))
-        specs[dim] = self.batch_axis
-        return dtensor.Layout(specs, layout.mesh)
+        """`layout` with the batch axis added (`shard_on_axis`)."""
+        return shard_on_axis(layout, shape, self.batch_axis)
 
     def variable_layout(self, keras_variable, shape) -> dtensor.Layout:
         """Stage 3 stores trainable weights sharded; stages 1-2 shard only the
@@ -200,6 +188,23 @@ class ShardedDataParallel(TensorParallel):
             _local_bytes(self.gradient_layout(v), v) for v in model.trainable_weights)
         return report | {"zero_stage": self.zero_stage, "fsdp": self.dims.fsdp,
                          "dp": self.replicas}
+
+
+def shard_on_axis(layout: dtensor.Layout, shape, axis: str) -> dtensor.Layout:
+    """`layout` with mesh axis `axis` added on the largest free dimension that
+    divides by its size: ZeRO's split of one weight (`layout` itself when no
+    dimension divides, or when `layout` already uses `axis`, as a keras-hub
+    LayoutMap's own FSDP split does)."""
+    specs = list(layout.sharding_specs)
+    n = layout.mesh.dim_size(axis)
+    if n == 1 or axis in specs:
+        return layout
+    free = [i for i, s in enumerate(specs)
+            if s == dtensor.UNSHARDED and int(shape[i]) % n == 0 and int(shape[i]) >= n]
+    if not free:
+        return layout
+    specs[max(free, key=lambda i: (int(shape[i]), -i))] = axis
+    return dtensor.Layout(specs, layout.mesh)
 
 
 def _creating_optimizer_variable() -> bool:

@@ -59,6 +59,7 @@ from tfpar.strategies.pipeline.timeline import Timeline
 from tfpar.parallel_dims import ParallelDims
 from tfpar.strategies import registry
 from tfpar.strategies.base import StrategyBase, variable_bytes_per_device
+from tfpar.strategies.tensor.mesh import BATCH_AXIS
 
 log = logging.getLogger("tfpar")
 
@@ -151,6 +152,10 @@ class Pipeline(StrategyBase):
         (and data-parallel over R): stage k runs on the DTensor mesh
         "batch:R,model:T" of devices k*R*T .. (k+1)*R*T-1, its weights split
         by `layout_map` (`tfpar.strategies.pipeline.stage_meshes`).
+      fsdp: F > 1 shards each stage's weights, gradients and optimizer state
+        over F data devices of its mesh (ZeRO-3 / FSDP inside the stage; the
+        mesh is "batch:F,model:T"): a layer's read all-gathers its weight, the
+        backward reduce-scatters the gradient. Not with `replicas`.
       layout_map: the stages' LayoutMap preset ("megatron") or a callable
         keras DeviceMesh -> LayoutMap (e.g. a keras-hub backbone's
         `get_layout_map`), with `tensor_parallel`.
@@ -174,7 +179,7 @@ class Pipeline(StrategyBase):
     def __init__(self, stages: int | None = None, split_points=None, microbatches: int = 1,
                  schedule="1f1b", devices=None, replicas: int = 1, costs: dict | None = None,
                  record_timeline: bool = False, virtual_stages: int | None = None,
-                 tensor_parallel: int = 1, layout_map="megatron"):
+                 tensor_parallel: int = 1, layout_map="megatron", fsdp: int = 1):
         try:
             self.schedule = schedules.get(schedule, virtual_stages)
         except ValueError as e:
@@ -200,22 +205,34 @@ class Pipeline(StrategyBase):
         if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
             raise PipelineConfigError(
                 f"tensor_parallel={tensor_parallel!r}: must be an integer >= 1.")
+        if not isinstance(fsdp, int) or fsdp < 1:
+            raise PipelineConfigError(f"fsdp={fsdp!r}: must be an integer >= 1.")
+        if fsdp > 1 and replicas > 1:
+            raise PipelineConfigError(
+                f"replicas={replicas} x fsdp={fsdp}: a pipeline's stages shard their weights "
+                f"over every data device of the stage; use fsdp={replicas * fsdp} (replicas=1).")
         self.split_points = list(split_points) if split_points else None
         self.num_microbatches = microbatches
         self.replicas = replicas
+        self.fsdp = fsdp
         self.tensor_parallel = tensor_parallel
+        # The mesh axis whose weight shards a layer's read gathers
+        # (`tfpar.compat.gather_on_read`): ZeRO-3 inside each stage.
+        self.batch_axis = BATCH_AXIS if fsdp > 1 else None
         self.costs = costs
         self.stage_meshes: StageMeshes | None = None
-        if tensor_parallel > 1:
+        if tensor_parallel > 1 or fsdp > 1:
             if record_timeline:
                 raise PipelineConfigError(
-                    "record_timeline=True with tensor_parallel > 1: the timeline's markers "
-                    "are Python calls, which DTensor programs cannot run. Record the "
-                    "timeline of the same schedule without tensor_parallel.")
-            flat = _flat_devices(devices, stages, replicas * tensor_parallel)
-            rows = stage_devices(flat, len(flat) // (replicas * tensor_parallel),
-                                 replicas, tensor_parallel)
-            self.stage_meshes = StageMeshes(rows, replicas, tensor_parallel, layout_map)
+                    "record_timeline=True with tensor_parallel or fsdp > 1: the timeline's "
+                    "markers are Python calls, which DTensor programs cannot run. Record the "
+                    "timeline of the same schedule on device stages.")
+            data = replicas * fsdp
+            flat = _flat_devices(devices, stages, data * tensor_parallel)
+            rows = stage_devices(flat, len(flat) // (data * tensor_parallel),
+                                 data, tensor_parallel)
+            self.stage_meshes = StageMeshes(rows, data, tensor_parallel, layout_map,
+                                            shard_weights=fsdp > 1)
             # One lane: the mesh of stage k is named by its first device.
             self.devices = [[row[0] for row in rows]]
         else:
@@ -236,11 +253,12 @@ class Pipeline(StrategyBase):
     @property
     def num_replicas_in_sync(self) -> int:
         """Data-parallel replicas: a global batch must divide by it."""
-        return self.replicas
+        return self.replicas * self.fsdp
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(dp=self.replicas, tp=self.tensor_parallel, pp=self.num_stages,
+        return ParallelDims(dp=self.replicas, fsdp=self.fsdp, tp=self.tensor_parallel,
+                            pp=self.num_stages,
                             microbatches=self.num_microbatches, schedule=self.schedule.name,
                             virtual_stages=self.schedule.virtual_stages)
 

@@ -66,6 +66,7 @@ from tensorflow.experimental import dtensor
 from tfpar import compat
 from tfpar.compat import dtensor_variables
 from tfpar.compat.dtensor_variables import gather, to_layout
+from tfpar.strategies.sharded import shard_on_axis
 from tfpar.strategies.tensor import layouts
 from tfpar.strategies.tensor import mesh as mesh_lib
 from tfpar.strategies.tensor.mesh import BATCH_AXIS, MODEL_AXIS, MeshError
@@ -88,9 +89,11 @@ class StageMeshes:
         LayoutMap (a keras-hub backbone's `get_layout_map`).
     """
 
-    def __init__(self, devices: list[list[str]], data: int, tensor: int, layout_map="megatron"):
+    def __init__(self, devices: list[list[str]], data: int, tensor: int, layout_map="megatron",
+                 shard_weights: bool = False):
         compat.configure_dtensor()
         self.data, self.tensor = data, tensor
+        self.shard_weights = shard_weights
         device_type = "GPU" if "GPU" in devices[0][0].upper() else "CPU"
         mesh_lib.span_every_device_first(device_type, data * tensor)
         self.meshes = [dtensor.create_mesh([(BATCH_AXIS, data), (MODEL_AXIS, tensor)],
@@ -159,7 +162,12 @@ class StageMeshes:
             for v in stage.variables:
                 if id(v) not in placed:
                     placed.add(id(v))
-                    self.place(v, self.layout(stage.rank, v.path, v.shape))
+                    layout = self.layout(stage.rank, v.path, v.shape)
+                    if self.shard_weights and v.trainable:
+                        # ZeRO-3 inside the stage: each of its data devices keeps a
+                        # shard (its slots follow), gathered where a layer reads it.
+                        layout = shard_on_axis(layout, v.shape, BATCH_AXIS)
+                    self.place(v, layout)
         optimizer = model.optimizer
         others = list(getattr(optimizer, "variables", ()))
         for metric in model.metrics:
