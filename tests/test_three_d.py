@@ -145,6 +145,43 @@ def test_sharded_stages_keep_a_shard_of_each_weight_and_its_optimizer_state():
     assert strategy.dims == tfpar.ParallelDims(pp=2, fsdp=2, microbatches=2)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_a_profiled_step_of_stage_meshes_runs_each_device_in_its_schedules_order(
+        schedule, tmp_path):
+    """The 3-D timeline (TensorFlow's profiler, one track per stage mesh): each
+    mesh's actions in the order the schedule gives its device, one at a time."""
+    strategy = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=4, schedule=schedule)
+    model = compiled(strategy, shape=tfpar.models.GPTConfig(
+        layers=4, hidden=32, heads=2, vocab=64, seq_len=16))
+    data = tokens()
+    model.fit(data[:, :-1], data[:, 1:], batch_size=16, verbose=0)  # traced
+    timeline = strategy.profile_step(model, data[:, :-1], data[:, 1:])
+    for rank in range(2):
+        expected = [str(a) for a in strategy.schedule.stage_order(rank, 2, 4)]
+        assert timeline.order()[(0, rank)] == expected, (rank, timeline.order())
+        spans = sorted((s for s in timeline.of_step() if s.stage == rank),
+                       key=lambda s: s.start)
+        assert all(a.end <= b.start + 1e-9 for a, b in zip(spans, spans[1:]))
+    assert 0 < timeline.bubble_fraction() < 1 and timeline.step_time() > 0
+    trace = json.loads(open(timeline.save_chrome_trace(str(tmp_path / "t.json"))).read())
+    tracks = {e["args"]["name"] for e in trace["traceEvents"] if e.get("ph") == "M"
+              and e.get("name") == "thread_name"}
+    assert any("CPU:2" in t and "CPU:3" in t for t in tracks), tracks
+
+
+def test_a_split_backward_cannot_be_profiled_and_says_why():
+    from tfpar.strategies.pipeline.profile import ProfileError, action_of
+
+    assert action_of("tf.StatefulPartitionedCall/gradient_tape/F1_stage0/d/MatMul") == (
+        "B", 1, 0, 0)
+    assert action_of("tf.StatefulPartitionedCall_1/W2_stage3_replica1/AddN") == ("W", 2, 3, 1)
+    assert action_of("tf.StatefulPartitionedCall/adam_w/AssignAddVariableOp") is None
+    strategy = tfpar.Pipeline(stages=2, microbatches=4, schedule="zb_h1")
+    with pytest.raises(ProfileError, match="splits the backward into B and W"):
+        strategy.profile_step(None, None)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: tfpar.Pipeline(stages=2, tensor_parallel=0), "tensor_parallel=0: must be"),
     (lambda: tfpar.Pipeline(stages=2, tensor_parallel=2, record_timeline=True),

@@ -453,6 +453,25 @@ class Pipeline(StrategyBase):
                 data = self.stage_meshes.pack_microbatches(data, m)
             return function.get_concrete_function(data, m).graph
 
+    def profile_step(self, model, x, y=None, sample_weight=None):
+        """One training step on (x, y) under TensorFlow's profiler, as a `Timeline`
+        of its actions: the timeline of runs whose stages are DTensor meshes
+        (tensor-parallel or sharded), which `record_timeline` cannot time. One
+        track per stage mesh. Train once before (tracing is not profiled);
+        schedules with a split backward are refused
+        (`tfpar.strategies.pipeline.profile`).
+
+        Example::
+
+            model.fit(x, y, batch_size=16, epochs=1)
+            timeline = strategy.profile_step(model, x[:16], y[:16])
+            timeline.order()[(0, 1)]      # ['F0@1', 'B0@1', 'F1@1', ...] under 1F1B
+            timeline.save_chrome_trace("three_d.json")
+        """
+        from tfpar.strategies.pipeline.profile import profile_step
+
+        return profile_step(self, model, x, y, sample_weight)
+
     def _microbatches_for(self, data, kind) -> int:
         rows = microbatch.rows_of(data)
         if rows % self.replicas:
