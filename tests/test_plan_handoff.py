@@ -46,20 +46,24 @@ def test_every_candidate_marked_runnable_parses_into_its_degrees_through_tfpar_t
     plan = recommend(*PLANS[name])
     runnable = [c for c in plan.candidates if c.tfpar_flags]
     assert runnable, name
-    kinds = set()
+    kinds, four_d = set(), 0
     for c in plan.candidates:
         if c.tfpar_flags is None:
-            # Not runnable: tensor-parallel stages of a pipeline wider than a host (or
-            # degrees the release refuses).
+            # Not runnable: tensor-parallel or sharded stages of a pipeline wider
+            # than a host (or degrees the release refuses).
             assert c.dims.unsupported() or (
-                c.dims.pp > 1 and c.dims.tp > 1
+                c.dims.pp > 1 and (c.dims.tp > 1 or c.dims.fsdp > 1)
                 and c.dims.world_size > plan.hardware.devices_per_node), c.dims
             continue
         flags = handoff.train_flags(c, plan.work)
         dims = dims_from_flags(parse_train(flags))
         assert dims == c.dims, (c.tfpar_flags, dims)
         kinds.add(dims.strategy_kind())
-    print(name, sorted(kinds), f"{len(runnable)} of {len(plan.candidates)} runnable")
+        four_d += dims.pp > 1 and dims.fsdp > 1
+    print(name, sorted(kinds), f"{len(runnable)} of {len(plan.candidates)} runnable, "
+          f"{four_d} with sharded pipeline stages")
+    if name.startswith("mini on 8"):
+        assert four_d, name  # pp x fsdp layouts are priced and run
 
 
 def test_the_plan_json_gives_tfpar_train_its_layout_and_model(tmp_path):

@@ -498,6 +498,11 @@ def step(work: Workload, dims: ParallelDims, micro_batch: int, hw: Hardware) -> 
         share = (d - 1) / d * params * GRADIENT_BYTES
         gathers = 1 if dims.zero_stage < 3 else (2 if work.recompute == "full" else 1)
         dp_bytes = (2 if dims.zero_stage == 1 else 1) * share + gathers * share
+        if p > 1:
+            # A pipeline's stage meshes gather a stage's weights and reduce-scatter
+            # its gradients for every micro-batch (tfpar keeps no gathered copy
+            # between them).
+            dp_bytes *= m
     dp_time = dp_bytes / _link_rate(hw, t * d) if d > 1 else 0.0
     # Replicas all-reduce each bucket of gradients once the last micro-batch's backward
     # has produced it (PyTorch DDP; Megatron-LM without a pipeline): only what outlasts

@@ -83,9 +83,11 @@ def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
     """
     if dims.unsupported() is not None:
         return None
-    if dims.pp_enabled and dims.tp > 1 and dims.world_size > hw.devices_per_node:
-        # Tensor-parallel stage meshes copy between each other only within one
-        # process; a pipeline of plain stages spans hosts (rank 0 drives them).
+    if dims.pp_enabled and (dims.tp > 1 or dims.fsdp > 1) \
+            and dims.world_size > hw.devices_per_node:
+        # Tensor-parallel or sharded stage meshes copy between each other only
+        # within one process; a pipeline of device stages spans hosts (rank 0
+        # drives them).
         return None
     per_step = dims.batch_shards * micro_batch
     extra = []
@@ -131,9 +133,13 @@ def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan
                 except ParallelDimsError as e:  # e.g. interleaving needs M % K == 0
                     skipped.append(f"pipeline={p}, micro-batch {b}: {e}")
                     continue
-                # The data devices replicated (dp), or sharded at each ZeRO stage (fsdp).
-                variants = [dims] + ([ParallelDims(fsdp=d, tp=t, zero_stage=z)
-                                      for z in (1, 2, 3)] if d > 1 and p == 1 else [])
+                # The data devices replicated (dp), or sharded at each ZeRO stage
+                # (fsdp); in a pipeline, at ZeRO-3 (what tfpar's stage meshes run).
+                variants = [dims]
+                if d > 1 and p == 1:
+                    variants += [ParallelDims(fsdp=d, tp=t, zero_stage=z) for z in (1, 2, 3)]
+                elif d > 1:
+                    variants.append(dataclasses.replace(dims, dp=1, fsdp=d, zero_stage=3))
                 for dims in variants:
                     mem = cost.memory(work, dims, b)
                     flags = tfpar_flags(dims, b, m, hw, work.reduce_dtype)
@@ -208,6 +214,6 @@ def _reasons(plan: Plan) -> list[str]:
     if best.tfpar_flags is None:
         runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
         reasons.append("tfpar cannot run this layout yet (a pipeline of tensor-parallel "
-                       "stages across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
+                       "or sharded stages across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
                                                  if runnable else ""))
     return reasons
