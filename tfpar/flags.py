@@ -656,7 +656,9 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
     cluster = None
     if name == "pipeline":
         cluster = cluster_from_flags(f)
-        if cluster is not None and cluster.num_workers > 1 and cluster.rank > 0:
+        dims = dims_from_flags(f)
+        if cluster is not None and cluster.num_workers > 1 and cluster.rank > 0 \
+                and dims.tp == 1 and dims.fsdp == 1:  # else every rank refuses, in build
             _serve_pipeline_devices(f, cluster)  # does not return
     # A multi-client DTensor mesh makes its own logical devices
     # (dtensor.initialize_accelerator_system); splitting them here would clash.

@@ -150,6 +150,7 @@ def serve(cluster: Cluster, *, num_local_devices: int | None = None,
         _wait_for({0: controller}, register_timeout_s, f"rank {rank}")
         while _accepts(controller):
             time.sleep(poll_s)
+        # A TensorFlow server cannot be stopped; it ends with the process, next.
         del server
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -59,8 +59,9 @@ def table(plan: Plan, top: int = 12) -> str:
             + ("does not fit" if not c.fits else (c.tfpar_flags or "-")))
     lines += ["", "> recommended; x does not fit in memory; zero = the data devices shard "
               "(ZeRO stage: 1 optimizer state,", "  2 + gradients, 3 + weights) or - replicate; "
-              "state = weights + gradients + AdamW; M = micro-batches per replica;", "  - = tfpar cannot run it yet "
-              "(tensor-parallel or sharded pipeline stages across hosts). Why this one:"]
+              "state = weights + gradients + AdamW; M = micro-batches per replica;", "  - = tfpar "
+              "cannot run it yet (tensor-parallel or sharded pipeline stages across hosts). "
+              "Why this one:"]
     lines += [f"  - {r}" for r in plan.reasons]
     if plan.best is not None and plan.best.dims.pp > 1:
         best = plan.best

@@ -213,7 +213,7 @@ def _reasons(plan: Plan) -> list[str]:
                        f"--recompute={work.recompute}; Megatron-LM's published runs recompute)")
     if best.tfpar_flags is None:
         runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
+        best_runnable = f"; the best it can run: {runnable.tfpar_flags}" if runnable else ""
         reasons.append("tfpar cannot run this layout yet (a pipeline of tensor-parallel "
-                       "or sharded stages across hosts)" + (f"; the best it can run: {runnable.tfpar_flags}"
-                                                 if runnable else ""))
+                       "or sharded stages across hosts)" + best_runnable)
     return reasons

@@ -101,11 +101,11 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
     if cluster is not None and cluster.num_workers > 1:
         if dims.tp > 1 or dims.fsdp > 1:
             raise ParallelDimsError(
-                f"{dims}: a pipeline of tensor-parallel or sharded stages runs in one process (its stage "
-                "meshes copy activations between each other, which DTensor does only between "
-                "meshes of the same processes). Across processes a pipeline's stages run "
-                "without tensor parallelism: drop --tp, or run on one host without tfpar "
-                "launch.")
+                f"{dims}: a pipeline of tensor-parallel or sharded stages runs in one "
+                "process (its stage meshes copy activations between each other, which DTensor "
+                "does only between meshes of the same processes). Across processes a "
+                "pipeline's stages run without tensor parallelism or sharding: drop --tp and "
+                "--fsdp, or run on one host without tfpar launch.")
         devices = _devices_across_processes(dims, cluster, multi_worker or {})
     return strategies.Pipeline(stages=dims.pp, split_points=split_points,
                                microbatches=dims.microbatches, schedule=dims.schedule,

@@ -277,7 +277,7 @@ class Pipeline(StrategyBase):
         return super().describe() | {
             "stages": self.num_stages, "microbatches": self.num_microbatches,
             "schedule": self.schedule.name, "virtual_stages": self.schedule.virtual_stages,
-            "tensor_parallel": self.tensor_parallel,
+            "tensor_parallel": self.tensor_parallel, "fsdp": self.fsdp,
             "split": [s.spec.layer_names for s in self.stages] or None}
 
     # ----------------------------------------------------------------- scope
