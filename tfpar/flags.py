@@ -185,10 +185,11 @@ STRATEGY_FLAGS = {
         "multi_worker: seconds before a stuck all-reduce fails (0: never)."),
     "heartbeat_timeout": (flags.DEFINE_float, 10.0,
         "multi_worker: seconds without a heartbeat before a peer is declared dead and "
-        "every worker fails."),
+        "every worker fails; a pipeline across processes: seconds a stage process may "
+        "stay silent before rank 0 exits with 211."),
     "register_timeout": (flags.DEFINE_float, 300.0,
-        "multi_worker: seconds to wait at start-up for every worker to join before "
-        "failing."),
+        "multi_worker (and a pipeline across processes): seconds to wait at start-up for "
+        "every worker to join before failing."),
     "per_replica_batch_size": (flags.DEFINE_integer, None,
         "Examples per optimizer step on each replica (device); the global batch is this "
         "times the number of replicas."),
