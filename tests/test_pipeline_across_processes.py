@@ -98,6 +98,22 @@ def kill_all(*processes):
         p.wait()
 
 
+def test_a_server_whose_controller_dies_exits_peer_lost_so_the_group_restarts():
+    """A server exits 0 only when rank 0 ended well (it says so at its exit);
+    rank 0 killed: the server exits 211, which restarts it with rank 0 (an
+    Indexed Job replaces only failed pods)."""
+    ports = free_ports(2)
+    controller, server = start(ports, 0, "--steps=100000"), start(ports, 1, "--steps=100000")
+    try:
+        wait_for_training(controller)
+        os.kill(controller.pid, signal.SIGKILL)
+        output, _ = server.communicate(timeout=30)
+    finally:
+        kill_all(controller, server)
+    assert server.returncode == exit_codes.PEER_LOST, output[-3000:]
+    assert "the controller ended without completing; rank 1 exits with 211" in output
+
+
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_a_lost_stage_process_fails_the_controller_within_the_heartbeat_bound(fault):
     """A stage process that hangs (SIGSTOP: it answers nothing) or dies
@@ -208,7 +224,11 @@ def test_tfpar_train_resumes_bit_identically_after_its_stage_process_is_killed(
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     output = log.read_text()
-    assert "rank 1" in output and "restart" in output, output[-3000:]
+    # Whichever the launcher saw first: rank 1 killed, or rank 0 exiting with 211
+    # because its step lost rank 1 (a restart either way, never a permanent 1).
+    assert re.search(r"rank 1 \(pid \d+\) failed \(killed by SIGKILL\)|rank 0 \(pid \d+\) "
+                     r"failed \(a peer worker was lost", output), output[-3000:]
+    assert "restarting all 2 ranks (restart 1 of 1)" in output, output[-3000:]
     resumed_at = re.search(r"at optimizer step (\d+) of 24", output)
     assert resumed_at and resumed_at.group(1) in ("6", "12"), output[-3000:]
     expected, got = final_weights(clean), final_weights(out)

@@ -469,7 +469,9 @@ class PreemptionCheckpoint(BackupAndRestore):
         self._signalled.set()
 
     def _multi_worker(self) -> bool:
-        return getattr(strategy_for(self.model), "num_workers", 1) > 1
+        strategy = strategy_for(self.model)
+        return (getattr(strategy, "num_workers", 1) > 1
+                or getattr(strategy, "spans_processes", False))
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -522,7 +524,7 @@ class PreemptionCheckpoint(BackupAndRestore):
                          f"batch {batch + 1} saved to {self.backup_dir}; exiting with "
                          f"{self.exit_code} ({exit_codes.describe(self.exit_code)})\n")
         sys.stderr.flush()
-        raise SystemExit(self.exit_code)
+        sys.exit(self.exit_code)  # sys.exit: tfpar.cluster.single_controller sees the code
 
 
 class StepPeak(keras.callbacks.Callback):

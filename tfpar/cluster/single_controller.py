@@ -35,10 +35,14 @@ What the processes do:
   tiny op from a thread of its own (`Heartbeat`); a server silent for
   `heartbeat_timeout_s` ends the controller with `exit_codes.PEER_LOST`,
   which restarts the group (`tfpar launch`, the Kubernetes manifests).
-- **The end.** A server exits when the controller's port closes (0, or
-  `exit_codes.PREEMPTED` if it was sent SIGTERM): it keeps serving through a
+- **The end.** A server exits when the controller's port closes: with
+  `exit_codes.PREEMPTED` if it was sent SIGTERM (it keeps serving through a
   SIGTERM, because the controller's last checkpoint reads the variables that
-  live on it.
+  live on it); with 0 if the controller ended well, which it says by writing a
+  file on the server's host through the server itself (`_mark_completed`, at
+  its exit); else with `exit_codes.PEER_LOST`, so that the job restarts the
+  server with the controller (an Indexed Job replaces only failed pods: a
+  server that exited 0 would never come back).
 
 Example (run under `tfpar launch --nproc 2`; `tfpar.flags.from_flags()` does
 all of this for `--pp`)::
@@ -52,6 +56,8 @@ all of this for `--pp`)::
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -95,6 +101,13 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def completion_marker(rank: int, address: str) -> str:
+    """The file on a server's host that says the controller ended well (named by
+    the server's rank and address: hosts that share a /tmp keep them apart)."""
+    host, port = _host_port(address)
+    return os.path.join("/tmp", f"tfpar-pipeline-{host}-{port}-rank{rank}.completed")
+
+
 def _accepts(address: str, timeout_s: float = 1.0) -> bool:
     try:
         with socket.create_connection(_host_port(address), timeout=timeout_s):
@@ -124,7 +137,8 @@ def serve(cluster: Cluster, *, num_local_devices: int | None = None,
     """Serves this process's devices to the controller until the controller ends.
 
     Returns the exit code for the process: `exit_codes.PREEMPTED` if it was
-    sent SIGTERM meanwhile, else 0. `num_local_devices` splits the CPU into
+    sent SIGTERM meanwhile, 0 if the controller ended well, else
+    `exit_codes.PEER_LOST`. `num_local_devices` splits the CPU into
     that many devices (simulated devices); GPUs are served as they are.
     Raises ControllerError if the controller never comes.
     """
@@ -139,6 +153,9 @@ def serve(cluster: Cluster, *, num_local_devices: int | None = None,
         # A server takes its devices from this config, not from tf.config's
         # logical devices (measured: those leave one CPU).
         config.device_count["CPU"] = num_local_devices
+    marker = completion_marker(rank, cluster.address)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)  # an earlier job's
     terminated = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     try:
@@ -154,8 +171,12 @@ def serve(cluster: Cluster, *, num_local_devices: int | None = None,
         del server
     finally:
         signal.signal(signal.SIGTERM, previous)
-    code = exit_codes.PREEMPTED if terminated else 0
-    log.info("tfpar: the controller ended; rank %d exits with %d", rank, code)
+    completed = os.path.exists(marker)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(marker)
+    code = exit_codes.PREEMPTED if terminated else 0 if completed else exit_codes.PEER_LOST
+    log.info("tfpar: the controller ended%s; rank %d exits with %d",
+             "" if completed else " without completing", rank, code)
     return code
 
 
@@ -184,10 +205,50 @@ def connect(cluster: Cluster, *, heartbeat_timeout_s: float = 10.0,
             f"the processes have different numbers of devices {counts} (rank: devices); a "
             "pipeline across processes needs the same number on each. Give every process "
             "the same --num_simulated_devices, or the same GPUs.")
+    servers = {r: spec[SERVER_JOB][r - 1] for r in range(1, len(devices))}
     if heartbeat_timeout_s:
-        Heartbeat([task_prefix(r) + "/device:CPU:0" for r in range(1, len(devices))],
-                  heartbeat_timeout_s).start()
+        Heartbeat([task_prefix(r) + "/device:CPU:0" for r in servers], heartbeat_timeout_s).start()
+    _track_exit_status()
+    atexit.register(_mark_completed, servers)
     return devices
+
+
+# How the controller's program is ending: an uncaught exception or sys.exit(code).
+_exit_status = {"code": 0}
+
+
+def _track_exit_status() -> None:
+    """Notes an uncaught exception, or the code given to sys.exit, for `_mark_completed`
+    (an exit by signal or os._exit, as the heartbeat's, skips it: no mark)."""
+    if getattr(sys.exit, "_tfpar_tracked", False):
+        return
+    hook, exit_ = sys.excepthook, sys.exit
+
+    def excepthook(exc_type, exc, tb):
+        _exit_status["code"] = 1
+        hook(exc_type, exc, tb)
+
+    def exit(code=0):
+        _exit_status["code"] = code if isinstance(code, int) else (0 if code is None else 1)
+        exit_(code)
+
+    exit._tfpar_tracked = True
+    sys.excepthook, sys.exit = excepthook, exit
+
+
+def _mark_completed(servers: dict[int, str]) -> None:
+    """At the controller's exit, when it ends with 0: writes each server's
+    completion marker through the server itself (a file op on its CPU)."""
+    import tensorflow as tf
+
+    if _exit_status["code"] != 0:
+        return
+    for rank, address in servers.items():
+        try:
+            with tf.device(task_prefix(rank) + "/device:CPU:0"):
+                tf.io.write_file(completion_marker(rank, address), "completed")
+        except Exception as e:  # the server then exits with PEER_LOST: a restart, not a hang
+            log.warning("tfpar: could not tell rank %d that the job completed: %s", rank, e)
 
 
 def _devices_by_process(processes: int) -> list[list[str]]:

@@ -262,6 +262,13 @@ class Pipeline(StrategyBase):
                             microbatches=self.num_microbatches, schedule=self.schedule.name,
                             virtual_stages=self.schedule.virtual_stages)
 
+    @property
+    def spans_processes(self) -> bool:
+        """Whether stages live on other processes' devices (a pipeline across
+        processes): their loss is a lost peer (`tfpar.callbacks`)."""
+        return any(d.startswith("/job:") and not d.startswith("/job:localhost")
+                   for d in self._devices())
+
     def _devices(self) -> list[str]:
         if self.stage_meshes is not None:
             return [str(d) for mesh in self.stage_meshes.meshes for d in mesh.local_devices()]
