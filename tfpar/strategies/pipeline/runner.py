@@ -241,6 +241,11 @@ class Pipeline(StrategyBase):
         reason = self.schedule.check(self.num_stages, microbatches)
         if reason:
             raise PipelineConfigError(reason)
+        if record_timeline and self.spans_processes:
+            raise PipelineConfigError(
+                "record_timeline=True with stages on other processes' devices: the "
+                "timeline's markers are Python calls, which run only in this process. Record "
+                "the timeline of the same schedule on this process's devices.")
         self.timeline = Timeline() if record_timeline else None
         if self.timeline is not None:
             for r, row in enumerate(self.devices):
