@@ -30,3 +30,34 @@ def step_time(strategy, size: str, batch: int, steps: int, warmup: int) -> float
     start = time.perf_counter()
     model.fit(x[batch * warmup:], y[batch * warmup:], batch_size=batch, verbose=0)
     return (time.perf_counter() - start) / steps
+
+
+def add_arguments(parser) -> None:
+    """The GPT step benchmarks' shared arguments: model size, batch, pipeline, rounds."""
+    parser.add_argument("--size", default="mini", help="GPT size (tfpar.models.SIZES)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+
+
+def summary(times: dict, args) -> dict:
+    """The JSON of a run: per name (a list of seconds per step over rounds) the
+    median step time, tokens/s and ratio to times["one_device"], and the machine."""
+    import os
+    import platform
+    import statistics
+
+    seq_len = tfpar.models.config(args.size).seq_len
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "tensorflow": tf.__version__, "keras": keras.__version__},
+        "size": args.size, "batch": args.batch, "microbatches": args.microbatches,
+        "schedule": args.schedule,
+        "step_time_s": median,
+        "tokens_per_s": {k: args.batch * seq_len / t for k, t in median.items()},
+        "step_time_ratio_to_one_device": {k: t / median["one_device"]
+                                          for k, t in median.items()},
+    }

@@ -19,8 +19,6 @@ partitioned by process), never a speed-up.
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 
@@ -28,13 +26,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args():
+    from gpt_step import add_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="mini", help="GPT size (tfpar.models.SIZES)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--schedule", default="1f1b")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    add_arguments(parser)
     parser.add_argument("--across", action="store_true",
                         help="(internal) run as one rank of the 2-process job")
     return parser.parse_args()
@@ -64,9 +59,7 @@ def main():
     import tfpar
 
     tfpar.simulate_devices(2)
-    import keras
-    import tensorflow as tf
-    from gpt_step import step_time
+    from gpt_step import step_time, summary
 
     times = {"one_device": [], "pp2 in one process": []}
     for _ in range(args.rounds):
@@ -87,19 +80,7 @@ def main():
         sys.exit(f"the 2-process run failed ({result.returncode}):\n{result.stdout[-3000:]}")
     times["pp2 across 2 processes"] = json.loads(lines[-1])["across_processes"]
 
-    seq_len = tfpar.models.config(args.size).seq_len
-    base = statistics.median(times["one_device"])
-    results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "tensorflow": tf.__version__, "keras": keras.__version__},
-        "size": args.size, "batch": args.batch, "microbatches": args.microbatches,
-        "schedule": args.schedule,
-        "step_time_s": {k: statistics.median(v) for k, v in times.items()},
-        "tokens_per_s": {k: args.batch * seq_len / statistics.median(v)
-                         for k, v in times.items()},
-        "step_time_ratio_to_one_device": {k: statistics.median(v) / base
-                                          for k, v in times.items()},
-    }
+    results = summary(times, args)
     print(json.dumps(results, indent=2))
     local = results["step_time_s"]["pp2 in one process"]
     for name in times:

@@ -24,8 +24,6 @@ cannot run here: their sleeps are Python calls, which DTensor programs refuse.
 import argparse
 import json
 import os
-import platform
-import statistics
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,9 +31,7 @@ import tfpar  # noqa: E402
 
 tfpar.simulate_devices(8)
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from gpt_step import step_time  # noqa: E402
+from gpt_step import add_arguments, step_time, summary  # noqa: E402
 
 # name: (pp, tp, dp); None: TensorParallel; (0, 0, 0): one device. The
 # largest stage mesh (4 devices) comes before the smaller ones and
@@ -64,31 +60,15 @@ def strategy_for(name, microbatches, schedule):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="mini", help="GPT size (tfpar.models.SIZES)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--schedule", default="1f1b")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    add_arguments(parser)
     args = parser.parse_args()
 
     times = {name: [] for name in LAYOUTS}
-    seq_len = tfpar.models.config(args.size).seq_len
     for _ in range(args.rounds):
         for name in LAYOUTS:
             times[name].append(step_time(strategy_for(name, args.microbatches, args.schedule),
                                          args.size, args.batch, args.steps, warmup=2))
-    base = statistics.median(times["one_device"])
-    results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "tensorflow": tf.__version__, "keras": keras.__version__},
-        "size": args.size, "batch": args.batch, "microbatches": args.microbatches,
-        "schedule": args.schedule,
-        "step_time_s": {k: statistics.median(v) for k, v in times.items()},
-        "tokens_per_s": {k: args.batch * seq_len / statistics.median(v) for k, v in times.items()},
-        "step_time_ratio_to_one_device": {k: statistics.median(v) / base
-                                          for k, v in times.items()},
-    }
+    results = summary(times, args)
     print(json.dumps(results, indent=2))
     for name in LAYOUTS:
         print(f"{args.size} {name:>16}: {results['step_time_s'][name] * 1e3:7.1f} ms/step, "
