@@ -654,7 +654,7 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
     name = resolve_strategy_name(f)
     if name in ("tensor", "sharded"):
         _export_dtensor_clients(f)
-    cluster = None
+    cluster = dims = None
     if name == "pipeline":
         cluster = cluster_from_flags(f)
         dims = dims_from_flags(f)
@@ -675,7 +675,7 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
                 "--worker_hosts and --task_index."
             )
     return build(
-        dims_from_flags(f), kind=name, cluster=cluster, layouts=f.layouts,
+        dims or dims_from_flags(f), kind=name, cluster=cluster, layouts=f.layouts,
         split_points=f.split_points or None, all_reduce=f.all_reduce,
         reduce_dtype=None if f.reduce_dtype == "float32" else f.reduce_dtype,
         num_local_devices=f.num_simulated_devices or None,

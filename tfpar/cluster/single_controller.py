@@ -67,7 +67,7 @@ import threading
 import time
 
 from tfpar import exit_codes
-from tfpar.cluster.tf_config import Cluster, ClusterConfigError
+from tfpar.cluster.tf_config import Cluster, ClusterConfigError, _parse_address
 
 log = logging.getLogger("tfpar")
 
@@ -96,21 +96,16 @@ def task_prefix(rank: int) -> str:
     return f"/job:{SERVER_JOB}/replica:0/task:{rank - 1}"
 
 
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def completion_marker(rank: int, address: str) -> str:
     """The file on a server's host that says the controller ended well (named by
     the server's rank and address: hosts that share a /tmp keep them apart)."""
-    host, port = _host_port(address)
+    host, port = _parse_address(address, "the cluster")
     return os.path.join("/tmp", f"tfpar-pipeline-{host}-{port}-rank{rank}.completed")
 
 
 def _accepts(address: str, timeout_s: float = 1.0) -> bool:
     try:
-        with socket.create_connection(_host_port(address), timeout=timeout_s):
+        with socket.create_connection(_parse_address(address, "the cluster"), timeout=timeout_s):
             return True
     except OSError:
         return False
