@@ -107,13 +107,13 @@ def test_a_pipeline_across_processes_needs_its_share_of_devices_in_each(monkeypa
     assert tfpar_flags.dims_from_flags().pp == 4
 
 
-@pytest.mark.parametrize("dims", [tfpar.ParallelDims(pp=2, tp=2),
-                                  tfpar.ParallelDims(pp=2, fsdp=2)])
-def test_mesh_stages_across_processes_are_refused_with_the_reason(dims):
+@pytest.mark.parametrize("dims", [tfpar.ParallelDims(pp=4, tp=2),
+                                  tfpar.ParallelDims(pp=3, fsdp=2)])
+def test_mesh_stages_across_processes_need_one_stage_per_process(dims):
     cluster = tfpar.cluster.Cluster.from_hosts(["127.0.0.1:1", "127.0.0.1:2"])
-    with pytest.raises(ParallelDimsError, match="Across processes a pipeline's stages run "
-                                                "without tensor parallelism or sharding"):
-        tfpar.strategies.build(dims, cluster=cluster)
+    with pytest.raises(ParallelDimsError, match=r"put one pipeline stage in each process .*"
+                                                r"pp must equal the 2 processes"):
+        tfpar.strategies.build(dims, cluster=cluster, kind="pipeline")
 
 
 def test_one_device_flag_builds_one_device():

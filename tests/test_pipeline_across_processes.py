@@ -1,8 +1,11 @@
-"""Pipelines whose stages live in different processes (`tfpar.cluster.single_controller`).
+"""Pipelines whose stages live in different processes.
 
-Rank 0 drives every process's devices; the others serve them. Each case is
-real processes on loopback: under `tfpar launch` (as a user runs it), or
-started one by one where a test stops or kills one of them.
+Without tensor parallelism rank 0 drives every process's devices and the
+others serve them (`tfpar.cluster.single_controller`); with tensor-parallel
+(or sharded) stages every process runs its own stage's mesh and they
+exchange activations as messages (`tfpar.strategies.pipeline.process_stages`).
+Each case is real processes on loopback: under `tfpar launch` (as a user
+runs it), or started one by one where a test stops or kills one of them.
 """
 
 import json
@@ -69,6 +72,34 @@ def test_a_pipeline_across_processes_equals_the_exact_single_device_run(layout):
     # Every server exited when rank 0 ended.
     for rank in range(1, processes):
         assert f"the controller ended; rank {rank} exits with 0" in result.stdout
+
+
+# One program per process: (devices per process, flags). Stage k is process k's mesh.
+MESH_LAYOUTS = {
+    "pp2 across 2 processes x tp2 inside, 1F1B": (2, ["--pp=2", "--tp=2", "--schedule=1f1b"]),
+    "pp2 across 2 processes x (dp2 x tp2) inside, GPipe": (
+        4, ["--pp=2", "--dp=2", "--tp=2", "--schedule=gpipe"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(MESH_LAYOUTS))
+def test_tensor_parallel_stages_across_processes_equal_the_exact_single_device_run(layout):
+    """10 AdamW steps of a 2-block GPT, 4 micro-batches, under `tfpar launch`;
+    rank 0's saved model (every stage's weights gathered) against one device."""
+    devices, flags = MESH_LAYOUTS[layout]
+    result = tfpar_cli("launch", "--nproc", "2", "--", *WORKER, *flags, "--microbatches=4",
+                       f"--num_simulated_devices={devices}", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    row = last_json(result.stdout)
+    print(layout, row["max_abs_diff"])
+    assert row["moved"] > 100 * TOLERANCE
+    assert row["max_abs_diff"] <= TOLERANCE, row
+    assert row["plain_from_pipeline"] == 0.0
+    assert row["dims"]["world_size"] == 2 * devices and row["dims"]["tp"] == 2
+    # Rank 0's mesh is its own devices; its stage's weights are DTensor variables.
+    assert len(row["devices"]) == devices
+    assert all(d.startswith("/job:localhost/") for d in row["devices"])
+    assert any("device:CUSTOM" in d for d in row["variable_devices"])
 
 
 def start(ports, rank, *flags):
@@ -146,6 +177,39 @@ def test_a_lost_stage_process_fails_the_controller_within_the_heartbeat_bound(fa
         assert seconds < 3 + 5, seconds
 
 
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_lost_tensor_parallel_stage_process_ends_the_other_with_peer_lost(fault):
+    """One program per process (tp 2 inside each): rank 1 stopped or killed
+    while rank 0 waits for its gradients. Rank 0 exits with PEER_LOST (211)
+    within the heartbeat bound, never hangs."""
+    ports = free_ports(2)
+    flags = ("--steps=100000", "--heartbeat_timeout=3", "--tp=2", "--num_simulated_devices=2")
+    rank0, rank1 = start(ports, 0, *flags), start(ports, 1, *flags)
+    try:
+        wait_for_training(rank0)
+        lost = time.monotonic()
+        os.kill(rank1.pid, getattr(signal, fault))
+        try:
+            output, _ = rank0.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still runs 60 s after {fault} of rank 1")
+        seconds = time.monotonic() - lost
+    finally:
+        kill_all(rank0, rank1)
+    print(f"{fault}: rank 0 exited with {rank0.returncode} after {seconds:.1f} s")
+    assert rank0.returncode == exit_codes.PEER_LOST, output[-3000:]
+    assert "a peer process was lost; exiting with 211" in output, output[-3000:]
+    if fault == "SIGSTOP":
+        assert re.search(r"from rank 1 \(127.0.0.1:\d+\), silent for 3\.\d s", output), \
+            output[-3000:]
+        # Its last ping came at most a ping interval (timeout / 4) before the stop.
+        assert 3 * 3 / 4 <= seconds < 3 + 5, seconds
+    else:
+        assert re.search(r"from rank 1 \(127.0.0.1:\d+\), which was lost", output), \
+            output[-3000:]
+        assert seconds < 5, seconds
+
+
 # ------------------------------------------------ tfpar train, under tfpar launch
 # 24 optimizer steps checkpointed every 6, as tests/test_preemption.py trains.
 TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--model=tiny", "--tokenizer=bytes",
@@ -155,11 +219,11 @@ TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--model=tiny", "--tok
          "--num_simulated_devices=1", "--heartbeat_timeout=3"]
 
 
-def launch(out, data_dir, *launch_flags):
+def launch(out, data_dir, *launch_flags, train_flags=()):
     log = open(out.parent / f"{out.name}.log", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "tfpar.cli.main", "launch", "--nproc", "2", *launch_flags, "--",
-         *TRAIN, f"--data_dir={data_dir}", f"--output_dir={out}"],
+         *TRAIN, *train_flags, f"--data_dir={data_dir}", f"--output_dir={out}"],
         env=dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2"), cwd=REPO,
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -233,4 +297,62 @@ def test_tfpar_train_resumes_bit_identically_after_its_stage_process_is_killed(
     assert resumed_at and resumed_at.group(1) in ("6", "12"), output[-3000:]
     expected, got = final_weights(clean), final_weights(out)
     assert expected.keys() == got.keys()
+    assert not [k for k in expected if not np.array_equal(expected[k], got[k])]
+
+
+def kill_rank_1_and_resume(job, log):
+    """Kills rank 1 once epoch 2's checkpoint is taken; the launcher restarts the group."""
+    try:
+        deadline = time.monotonic() + 180
+        while "Epoch 3/4" not in log.read_text():  # epoch 2's checkpoint is taken
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(children(job.pid)[1], signal.SIGKILL)
+        assert job.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    return log.read_text()
+
+
+def test_tfpar_train_with_tensor_parallel_stages_across_processes_resumes_bit_identically(
+        data_dir, tmp_path):
+    """`tfpar train --pp=2 --tp=2` over 2 processes, each running its stage's
+    mesh of 2 devices: its saved model equals the same job on one host's 4
+    devices (every stage's weights reached rank 0's save); with rank 1 killed
+    mid-training, the restarted group resumes from the last checkpoint and ends
+    with the uninterrupted run's weights, bit for bit."""
+    mesh = ["--tp=2", "--num_simulated_devices=2"]
+    clean = tmp_path / "clean"
+    job = launch(clean, data_dir, train_flags=mesh)
+    assert job.wait(timeout=240) == 0, (tmp_path / "clean.log").read_text()[-3000:]
+    summary = json.loads((clean / "summary.json").read_text())
+    assert summary["dims"]["pp"] == 2 and summary["dims"]["tp"] == 2
+    assert summary["workers"] == 2
+
+    one_host = tmp_path / "one_host"
+    result = subprocess.run([*TRAIN, "--tp=2", "--num_simulated_devices=4",
+                             f"--data_dir={data_dir}", f"--output_dir={one_host}"],
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    expected, on_one_host = final_weights(clean), final_weights(one_host)
+    # Not the attention's key bias: softmax cancels it, so its exact gradient
+    # is 0 and what any run computes for it is rounding noise, which Adam
+    # scales up to whole steps (2e-4 between any two layouts on one host too).
+    gap = max(float(np.abs(expected[k] - on_one_host[k]).max()) for k in expected
+              if not k.endswith("attention/key/bias"))
+    print(f"across processes vs one host: max |dw| {gap:.2e}")
+    assert gap <= TOLERANCE
+
+    out = tmp_path / "out"
+    output = kill_rank_1_and_resume(launch(out, data_dir, "--max_restarts=1", train_flags=mesh),
+                                    tmp_path / "out.log")
+    assert re.search(r"rank 1 \(pid \d+\) failed \(killed by SIGKILL\)|rank 0 \(pid \d+\) "
+                     r"failed \(a peer worker was lost", output), output[-3000:]
+    assert "restarting all 2 ranks (restart 1 of 1)" in output, output[-3000:]
+    resumed_at = re.search(r"at optimizer step (\d+) of 24", output)
+    assert resumed_at and resumed_at.group(1) in ("6", "12"), output[-3000:]
+    got = final_weights(out)
     assert not [k for k in expected if not np.array_equal(expected[k], got[k])]

@@ -1,7 +1,8 @@
 """A pipeline whose stages live in different processes (run under `tfpar launch`).
 
-Every rank but 0 serves its devices and exits when rank 0 ends
-(`tfpar.flags.from_flags`, as `tfpar train` does). Rank 0 trains a 2-block
+Without --tp/--fsdp every rank but 0 serves its devices and exits when rank 0
+ends (`tfpar.flags.from_flags`, as `tfpar train` does); with them every rank
+trains its own stage. Rank 0 trains a 2-block
 GPT for --steps AdamW steps under the pipeline the flags ask for, then the
 exact single-device run on its own CPU, and prints one JSON line: max |dw|,
 the strategy's dims and devices, and a checkpoint of the pipelined model
@@ -36,11 +37,15 @@ def main(argv):
     if FLAGS.steps > 50:
         print("training", flush=True)
     model = train_lm(strategy, SHAPE, steps=FLAGS.steps, batch=BATCH)
+    path = Path(tempfile.mkdtemp()) / "pipeline.weights.h5"
+    # Every process saves (with stages run by their own processes, the save
+    # gathers them to rank 0 first); rank 0 writes and compares.
+    model.save_weights(path)
+    if not strategy.is_chief:
+        return
     exact = train_lm(tfpar.OneDevice(), SHAPE, steps=FLAGS.steps, batch=BATCH)
     keras.utils.set_random_seed(0)
     start = tfpar.models.gpt(SHAPE)
-    path = Path(tempfile.mkdtemp()) / "pipeline.weights.h5"
-    model.save_weights(path)
     plain = tfpar.models.gpt(SHAPE)
     plain.load_weights(path)
     print(json.dumps({

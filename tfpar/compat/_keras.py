@@ -29,6 +29,9 @@ def weights_snapshot(model) -> list:
     if not model.built:
         raise ValueError("a model must be built before its weights are saved; call it on a "
                          "batch, or give it an Input.")
+    from tfpar.strategies.base import gather_weights
+
+    gather_weights(model)  # a pipeline across processes: the writer's copy made whole
     saving_lib = _saving_lib()
     store = _recording_store(saving_lib)()
     saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",

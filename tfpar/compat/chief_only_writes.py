@@ -40,8 +40,9 @@ def scratch_path(filepath):
 def _chief_only_writer(upstream):
     @functools.wraps(upstream)
     def write(self, filepath, *args, **kwargs):
-        from tfpar.strategies.base import should_write
+        from tfpar.strategies.base import gather_weights, should_write
 
+        gather_weights(self)  # a pipeline across processes: the writer's copy made whole
         if should_write(self):
             return upstream(self, filepath, *args, **kwargs)
         with scratch_path(filepath) as path:

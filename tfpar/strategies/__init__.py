@@ -1,7 +1,8 @@
 """tfpar's strategies: one class per way of spreading a model over devices.
 
 - `base`: the interface every strategy implements (`Strategy`), and the one
-  place that decides which process writes shared files (`should_write`);
+  place that decides which process writes shared files (`should_write`) and
+  makes the writer's copy of a model whole before it does (`gather_weights`);
 - `data_parallel`: `OneDevice`, `DataParallel`, `MultiWorker`
   (`tf.distribute` strategies: every replica holds the whole model);
 - `sharded`: `ShardedDataParallel` (ZeRO-1/2/3, FSDP: the data-parallel
@@ -24,7 +25,7 @@ _LAZY = {"OneDevice": "data_parallel", "DataParallel": "data_parallel",
          "MultiWorker": "data_parallel", "TensorParallel": "tensor.tensor_parallel",
          "ShardedDataParallel": "sharded",
          "Pipeline": "pipeline.runner", "Strategy": "base", "should_write": "base",
-         "strategy_for": "base", "build": "from_dims"}
+         "strategy_for": "base", "gather_weights": "base", "build": "from_dims"}
 
 __all__ = sorted(_LAZY)
 

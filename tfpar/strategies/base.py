@@ -65,6 +65,8 @@ class Strategy(Protocol):
 
     def any_worker(self, flag: bool) -> bool: ...
 
+    def gather_weights(self, model) -> None: ...
+
     def describe(self) -> dict: ...
 
     def memory_report(self, model) -> dict: ...
@@ -117,6 +119,16 @@ class StrategyBase:
         step (the preemption agreement of `PreemptionCheckpoint`).
         """
         return bool(flag)
+
+    def gather_weights(self, model) -> None:
+        """Makes this process's copy of `model` whole before it is saved.
+
+        Nothing to do where every process holds the whole model (replicas) or
+        reads it whole (a DTensor mesh gathers on read). A pipeline whose
+        stages run in their own processes sends every stage's weights to the
+        writer (`Pipeline.gather_weights`). A collective: every process calls
+        it, through `gather_weights(model)` below.
+        """
 
     def _devices(self) -> list[str]:
         """This process's devices (each strategy names its own)."""
@@ -203,6 +215,14 @@ def strategy_for(model_or_strategy=None):
     if hasattr(model_or_strategy, "weights") and hasattr(model_or_strategy, "distribute_strategy"):
         return registry.strategy_of(model_or_strategy) or model_or_strategy.distribute_strategy
     return model_or_strategy
+
+
+def gather_weights(model) -> None:
+    """Before a save: the strategy's `gather_weights` (every process calls it;
+    `Model.save`, `save_weights` and tfpar's checkpoint callbacks do)."""
+    strategy = strategy_for(model)
+    if isinstance(strategy, StrategyBase):
+        strategy.gather_weights(model)
 
 
 def should_write(model_or_strategy=None) -> bool:

@@ -302,7 +302,10 @@ def run(config: TrainConfig, strategy) -> dict:
         float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
     memory = strategy.memory_report(model) | {"peak_step_bytes": step_peak.bytes_per_device}
     memory.pop("per_device", None)  # a pipeline's per-stage rows: the fullest is reported
-    weights = model.get_weights()  # every worker: sharded weights gather collectively
+    # Every worker: sharded weights gather collectively; stages that ran in
+    # their own processes send their weights to rank 0 first.
+    tfpar.strategies.gather_weights(model)
+    weights = model.get_weights()
     tokens = state["tokens"] + throughput.total_tokens
     seconds = state["seconds"] + throughput.total_seconds
     rate = tokens / seconds if seconds else 0.0

@@ -161,6 +161,11 @@ class Pipeline(StrategyBase):
         `get_layout_map`), with `tensor_parallel`.
       costs: {layer name: cost} to balance by instead of parameter counts.
       record_timeline: record every action's span (`self.timeline`).
+      process_group: a `tfpar.cluster.process_group.ProcessGroup` of K
+        processes: stage k lives in process k, on that process's own
+        `devices` (its mesh "batch:replicas*fsdp,model:tensor_parallel");
+        every process runs the same script and `fit`, and runs its own
+        stage's actions (`tfpar.strategies.pipeline.process_stages`).
 
     The model is built and compiled under `scope()`; its first use splits
     it. Models the splitter cannot cut raise `PipelineSplitError` saying why.
@@ -179,7 +184,8 @@ class Pipeline(StrategyBase):
     def __init__(self, stages: int | None = None, split_points=None, microbatches: int = 1,
                  schedule="1f1b", devices=None, replicas: int = 1, costs: dict | None = None,
                  record_timeline: bool = False, virtual_stages: int | None = None,
-                 tensor_parallel: int = 1, layout_map="megatron", fsdp: int = 1):
+                 tensor_parallel: int = 1, layout_map="megatron", fsdp: int = 1,
+                 process_group=None):
         try:
             self.schedule = schedules.get(schedule, virtual_stages)
         except ValueError as e:
@@ -221,7 +227,37 @@ class Pipeline(StrategyBase):
         self.batch_axis = BATCH_AXIS if fsdp > 1 else None
         self.costs = costs
         self.stage_meshes: StageMeshes | None = None
-        if tensor_parallel > 1 or fsdp > 1:
+        self.processes = None  # ProcessStages, with a process_group
+        if process_group is not None:
+            from tfpar.strategies.pipeline.process_stages import (ProcessStages,
+                                                                  use_local_meshes)
+
+            if record_timeline:
+                raise PipelineConfigError(
+                    "record_timeline=True with a process_group: the other stages' actions "
+                    "run in other processes. Record the timeline of the same schedule on "
+                    "this process's devices.")
+            if self.schedule.split_backward:
+                raise PipelineConfigError(
+                    f"schedule={self.schedule.name!r} with a process_group: a split backward "
+                    "differentiates inside each stage's layers, but a process runs its stage "
+                    "as one compiled function, whose tape sees only its inputs and output. "
+                    "Use \"1f1b\", \"gpipe\" or \"interleaved_1f1b\".")
+            if stages not in (None, 0, process_group.size):
+                raise PipelineConfigError(
+                    f"stages={stages} with a process group of {process_group.size} "
+                    f"processes: each process holds one pipeline device's stages; use "
+                    f"stages={process_group.size} (or leave it out).")
+            use_local_meshes()
+            data = replicas * fsdp
+            flat = _flat_devices(devices, 1, data * tensor_parallel)
+            self.stage_meshes = StageMeshes([flat], data, tensor_parallel, layout_map,
+                                            shard_weights=fsdp > 1)
+            self.processes = ProcessStages(process_group, self.stage_meshes)
+            # One lane; the other processes' devices are theirs to name.
+            self.devices = [[flat[0] if r == process_group.rank else f"<process {r}>"
+                             for r in range(process_group.size)]]
+        elif tensor_parallel > 1 or fsdp > 1:
             if record_timeline:
                 raise PipelineConfigError(
                     "record_timeline=True with tensor_parallel or fsdp > 1: the timeline's "
@@ -271,8 +307,29 @@ class Pipeline(StrategyBase):
     def spans_processes(self) -> bool:
         """Whether stages live on other processes' devices (a pipeline across
         processes): their loss is a lost peer (`tfpar.callbacks`)."""
+        if self.processes is not None:
+            return True
         return any(d.startswith("/job:") and not d.startswith("/job:localhost")
                    for d in self._devices())
+
+    @property
+    def num_workers(self) -> int:
+        return 1 if self.processes is None else self.processes.group.size
+
+    @property
+    def worker_index(self) -> int:
+        return 0 if self.processes is None else self.processes.rank
+
+    def any_worker(self, flag: bool) -> bool:
+        if self.processes is None:
+            return bool(flag)
+        return self.processes.group.any(flag)
+
+    def gather_weights(self, model) -> None:
+        """With a process group: rank 0's model becomes the whole current model
+        (every process calls it; `Model.save` and tfpar's checkpoints do)."""
+        if self.processes is not None and getattr(model, "_tfpar_pipeline_stages", None):
+            self.processes.gather_weights(model)
 
     def _devices(self) -> list[str]:
         if self.stage_meshes is not None:
@@ -304,7 +361,9 @@ class Pipeline(StrategyBase):
         """The registry protocol: variables start on the default device and are
         moved to their stage's device when the model is first split (with stage
         meshes, those made after the split go straight to their mesh)."""
-        if self.stage_meshes is not None and self.stages and not isinstance(value, tf.Variable):
+        if self.processes is not None and self.stages and not isinstance(value, tf.Variable):
+            self.processes.initialize_variable(keras_variable, value, upstream)
+        elif self.stage_meshes is not None and self.stages and not isinstance(value, tf.Variable):
             self.stage_meshes.initialize_variable(keras_variable, value, upstream)
         else:
             upstream(keras_variable, value)
@@ -338,7 +397,10 @@ class Pipeline(StrategyBase):
                        if self.schedule.split_backward else None)
             stages.append(Stage(spec, [row[rank] for row in self.devices], i == len(specs) - 1,
                                 rank=rank, layer_outputs=outputs))
-        if self.stage_meshes is not None:
+        if self.processes is not None:
+            self._check_for_meshes(model)
+            self.processes.place(stages, model)
+        elif self.stage_meshes is not None:
             self._check_for_meshes(model)
             self.stage_meshes.place_stages(stages, model)
         else:
@@ -350,7 +412,10 @@ class Pipeline(StrategyBase):
         if model.optimizer is not None and not model.optimizer.built:
             # Slots are made now, next to their (moved) variables.
             with tf.init_scope(), registry.entered(self):
-                model.optimizer.build(model.trainable_variables)
+                if self.processes is not None:
+                    self.processes.build_optimizer(model)
+                else:
+                    model.optimizer.build(model.trainable_variables)
         return stages
 
     def _check_for_meshes(self, model):
@@ -379,7 +444,9 @@ class Pipeline(StrategyBase):
         stages = self.prepare(model)
         weights = {id(v) for v in model.weights}
         per_device = {}
-        for rank in sorted({stage.rank for stage in stages}):
+        ranks = ([self.processes.rank] if self.processes is not None
+                 else sorted({stage.rank for stage in stages}))
+        for rank in ranks:
             on = [st for st in stages if st.rank == rank]
             device = on[0].device
             variables = list({id(v): v for st in on for v in st.variables}.values())
@@ -401,12 +468,16 @@ class Pipeline(StrategyBase):
         if self.stage_meshes is None:
             return variable.value.device in devices
         layout = getattr(variable, "_layout", None)
-        return getattr(layout, "mesh", None) == self.stage_meshes.meshes[rank]
+        mesh = self.stage_meshes.meshes[0 if self.processes is not None else rank]
+        held_on = getattr(layout, "mesh", None)  # None: a host copy (another process's slot)
+        return held_on is not None and held_on == mesh
 
     # --------------------------------------------------------- step functions
     def step_function(self, model, kind: str):
         """The registry protocol: Keras's "train", "test" or "predict" function."""
         stages = self.prepare(model)
+        if self.processes is not None:
+            return self.processes.step_function(self, model, stages, kind)
         # No autograph, as Keras's own step functions (do_not_convert): the
         # schedule is Python over static structure, and converting it cost a
         # third of the trace of an 8-stage GPT pipeline.
@@ -456,6 +527,10 @@ class Pipeline(StrategyBase):
             graph = strategy.step_graph(model, (x[:16], y[:16]))
             [op.name for op in graph.get_operations() if op.name.startswith("B0_stage1/")]
         """
+        if self.processes is not None:
+            raise PipelineConfigError(
+                "step_graph with a process_group: each process runs its own actions, one "
+                "function per action; there is no single step graph.")
         stages = self.prepare(model)
         m = self._microbatches_for(data, kind)
         function = tf.function(lambda d, n: self._step(model, stages, d, n, kind),
@@ -481,6 +556,11 @@ class Pipeline(StrategyBase):
             timeline.save_chrome_trace("three_d.json")
         """
         from tfpar.strategies.pipeline.profile import profile_step
+
+        if self.processes is not None:
+            raise PipelineConfigError(
+                "profile_step with a process_group: the other stages run in other processes; "
+                "profile the same layout on one host.")
 
         return profile_step(self, model, x, y, sample_weight)
 

@@ -1,0 +1,386 @@
+"""Pipelines of tensor-parallel stages that live in different processes: one program per process.
+
+`Pipeline(stages=K, tensor_parallel=T, process_group=group)` on K processes
+puts stage k on process k's own devices, as a DTensor mesh "batch:D,model:T"
+(tensor parallel inside the node, pipeline across nodes: the layout large
+runs use). Every process runs the same script and the same `model.fit`;
+each runs only its own stage's actions, in the schedule's order, and the
+activations and gradients between neighbouring stages cross as messages of
+a `tfpar.cluster.process_group.ProcessGroup`: multiple programs, multiple
+data, as torch.distributed.pipelining and Megatron-core run pipelines.
+
+Why not one program (measured, BUILD_NOTES "Pipelines across processes"):
+a single controller cannot drive DTensor meshes on other processes' devices
+(DTensor's functions are not registered remotely), DTensor copies between
+meshes only of the same processes, and in a multi-client job the stage
+meshes of different processes collide in their collective group keys. Each
+process's own mesh, driven by that process, is the in-process 3-D runner's
+stage mesh (`tfpar.strategies.pipeline.stage_meshes`) unchanged.
+
+What one process does per batch (every process gets the whole batch):
+
+- its actions (`Schedule.creation_order` filtered to its rank) run one by
+  one: a forward calls the stage's compiled function under a
+  `tf.GradientTape` kept until its backward (no recomputation: the tape
+  holds the forward's activations, as the in-process runner's do); a
+  forward's output is sent to the next stage's process, a backward's input
+  gradient to the previous one's; a receive waits for its message (and
+  fails at once when the peer is lost);
+- gradients are accumulated densely over micro-batches (each loss weighted
+  1/M), the stage's variables take one optimizer step;
+- the process of the model's last stage computes the loss and metrics and
+  sends the logs to every other process, so every process's `fit` reports
+  (and its callbacks see) the same numbers.
+
+Saving: a process holds only its own stages' current weights and optimizer
+state. `gather_weights(model)` (a collective) sends every stage's to rank 0,
+which then holds the whole model; `Model.save`/`save_weights` and tfpar's
+checkpoint callbacks call it on every process before rank 0 writes, so a
+checkpoint is the whole model and loads into a plain one. Every process
+restores from it.
+
+Example (run on every process under `tfpar launch --nproc 2`)::
+
+    tfpar.simulate_devices(2)
+    group = ProcessGroup.from_cluster(tfpar.cluster.Cluster.from_env())
+    strategy = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=4,
+                              process_group=group)
+    with strategy.scope():
+        model = tfpar.models.gpt("tiny")
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=tfpar.models.lm_loss())
+    model.fit(x, y, batch_size=16)           # the same x, y on every process
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+from tfpar.compat import dtensor_variables
+from tfpar.compat.dtensor_variables import gather
+from tfpar.strategies.pipeline import microbatch
+from tfpar.strategies.pipeline.runner import PipelineConfigError, _dense
+from tfpar.strategies.pipeline.schedules import FORWARD
+from tfpar.strategies.pipeline.stage_meshes import StageMeshError, _swapped
+from tfpar.strategies.sharded import shard_on_axis
+from tfpar.strategies.tensor.mesh import BATCH_AXIS
+
+
+# What makes a process one client of a multi-client DTensor mesh (set by
+# `tfpar launch` and the pods for TensorParallel). Here each process's mesh is
+# its own: as a client of a shared one, its meshes would be named by the job
+# ("/job:worker/task:0/...") and collide in their collective groups.
+DTENSOR_CLIENT_VARIABLES = ("DTENSOR_JOBS", "DTENSOR_CLIENT_ID", "DTENSOR_NUM_CLIENTS",
+                            "DTENSOR_JOB_NAME")
+
+
+def use_local_meshes() -> None:
+    """Makes this process's DTensor meshes its own (single-client), whatever the
+    launcher exported; call it before the first mesh."""
+    for name in DTENSOR_CLIENT_VARIABLES:
+        os.environ.pop(name, None)
+
+
+class ProcessStages:
+    """This process's stages of a pipeline across processes, and what crosses to the others.
+
+    Built by `Pipeline` when given a `process_group`; `meshes` is the
+    `StageMeshes` of this process's one mesh.
+    """
+
+    def __init__(self, group, meshes):
+        self.group, self.meshes = group, meshes
+        self.rank = group.rank
+        self.mine: list = []  # this process's stages
+        self.owned: set[int] = set()  # ids of the variables this process trains
+        self._building_slots = False
+        self._logs: dict = {}
+
+    # ------------------------------------------------------------ variables
+    def place(self, stages, model) -> None:
+        """This process's stages' variables onto its mesh; the optimizer's step
+        counter and learning rate (and, on the loss's process, the metrics) too."""
+        owner = {}
+        for stage in stages:
+            for v in stage.variables:
+                if owner.setdefault(id(v), stage.rank) != stage.rank:
+                    raise StageMeshError(
+                        f"weight {v.path!r} is used by the stages of processes "
+                        f"{owner[id(v)]} and {stage.rank} (a tied embedding?); a weight must "
+                        "live in one process. Untie it, or cut the model so that both uses "
+                        "fall in stages of one process (split_points).")
+        self.mine = [s for s in stages if s.rank == self.rank]
+        if not self.mine:
+            raise PipelineConfigError(
+                f"process {self.rank} holds no stage of this {len(stages)}-stage pipeline: a "
+                f"pipeline across processes needs one process per pipeline device; run "
+                f"stages={self.group.size}.")
+        for stage in self.mine:
+            for v in stage.variables:
+                if id(v) in self.owned:
+                    continue
+                self.owned.add(id(v))
+                layout = self.meshes.layout(0, v.path, v.shape)
+                if self.meshes.shard_weights and v.trainable:
+                    layout = shard_on_axis(layout, v.shape, BATCH_AXIS)
+                self.meshes.place(v, layout)
+        self.loss_rank = stages[-1].rank
+        others = list(getattr(model.optimizer, "variables", ()))
+        if self.rank == self.loss_rank:
+            for metric in model.metrics:
+                others += list(metric.variables)
+        else:
+            # Keras's end-of-epoch logs are the model's own metric results
+            # (`Trainer._get_metrics_result_or_logs`), which only the loss's
+            # process computes: the others report the logs it sent.
+            model.get_metrics_result = lambda: dict(self._logs)
+        for v in others:
+            if not dtensor_variables.is_dvariable(v):
+                self.meshes.place(v, dtensor.Layout.replicated(self.meshes.last, len(v.shape)))
+
+    def build_optimizer(self, model) -> None:
+        """Slots of this process's weights on its mesh; of the others', host copies
+        (rank 0 gathers into them to save the whole model)."""
+        self._building_slots = True
+        try:
+            model.optimizer.build(model.trainable_variables)
+        finally:
+            self._building_slots = False
+
+    def initialize_variable(self, keras_variable, value, upstream) -> None:
+        layout = getattr(keras_variable, "_layout", None)
+        if self._building_slots and not isinstance(layout, dtensor.Layout):
+            upstream(keras_variable, value)  # the slot of another process's weight
+        else:
+            self.meshes.initialize_variable(keras_variable, value, upstream)
+
+    def gather_weights(self, model) -> None:
+        """Sends this process's weights and optimizer state to rank 0, which
+        assigns them: afterwards rank 0's model is the whole current model.
+        A collective: every process calls it."""
+        weights = list(model.weights)
+        optimizer = model.optimizer
+        slots = list(getattr(optimizer, "variables", ()))
+        shared = {id(getattr(optimizer, "_iterations", None)),
+                  id(getattr(optimizer, "_learning_rate", None))}
+        mine_w = [i for i, v in enumerate(weights) if id(v) in self.owned]
+        mine_s = [i for i, v in enumerate(slots)
+                  if id(v) not in shared and id(v) not in self.owned
+                  and dtensor_variables.is_dvariable(v)]
+        if self.rank != 0:
+            values = [_host(weights[i]) for i in mine_w] + [_host(slots[i]) for i in mine_s]
+            self.group.send(0, "gather", values, meta={"weights": mine_w, "slots": mine_s})
+            return
+        for peer in range(1, self.group.size):
+            values, meta = self.group.recv(peer, "gather")
+            targets = [weights[i] for i in meta["weights"]] + [slots[i] for i in meta["slots"]]
+            for variable, value in zip(targets, values):
+                variable.assign(value)
+
+    # --------------------------------------------------------------- steps
+    def step_function(self, pipeline, model, stages, kind: str):
+        """Keras's train/test/predict function: this process's part of each batch."""
+        training = kind == "train"
+        # The stage and its loss are separate functions: a tape differentiates
+        # a function call through all its outputs, and would feed the outputs
+        # that do not reach the loss host zeros, which a DTensor function refuses.
+        forward = {stage.index: tf.function(lambda inp, stage=stage: stage(inp, training)[0],
+                                            autograph=False, reduce_retracing=True)
+                   for stage in self.mine}
+        loss_of = tf.function(
+            lambda out, xb, yb, wb: model._compute_loss(x=xb, y=yb, y_pred=out, sample_weight=wb,
+                                                        training=training),
+            autograph=False, reduce_retracing=True)
+        variables = [v for v in model.trainable_variables if id(v) in self.owned]
+        stage_of = {id(v): 0 for v in variables}
+        optimizer = model.optimizer
+
+        def apply(grads, scale):
+            # A global norm is taken over every process's gradients (`_clip_scale`).
+            grads = [None if g is None else g * tf.cast(scale, g.dtype) for g in grads]
+            with _swapped(optimizer, "global_clipnorm", None):
+                self.meshes.apply_gradients(optimizer, grads, variables, stage_of)
+        apply = tf.function(apply, autograph=False)
+        squares = tf.function(
+            lambda grads: tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+                                    for g in grads if g is not None]), autograph=False)
+
+        def finish(y, y_pred, sample_weight, total):
+            if model._loss_tracker is not None:
+                model._loss_tracker.update_state(total, sample_weight=tf.shape(
+                    tf.nest.flatten(y_pred)[0])[0])
+            return model.compute_metrics(None, y, y_pred, sample_weight=sample_weight)
+        finish = tf.function(finish, autograph=False, reduce_retracing=True)
+
+        compiled = types.SimpleNamespace(forward=forward, loss_of=loss_of, apply=apply,
+                                         squares=squares, finish=finish, variables=variables)
+
+        def run(data):
+            return self._run(pipeline, model, stages, data, kind, compiled)
+
+        if kind == "predict":
+            return lambda batches: microbatch.merge([run(b) for b in batches])
+
+        def function(iterator):
+            outputs = None
+            for _ in range(model.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+                outputs = run(data)
+            if outputs is None:
+                raise StopIteration
+            return outputs
+        return function
+
+    def _run(self, pipeline, model, stages, data, kind, compiled):
+        """This process's actions on one batch; returns the batch's logs (or predictions)."""
+        forward, loss_of, variables = compiled.forward, compiled.loss_of, compiled.variables
+        group, meshes = self.group, self.meshes
+        training = kind == "train"
+        if kind == "predict":
+            data = keras.utils.unpack_x_y_sample_weight(data)[0]
+            x, y, sample_weight = data, None, None
+        else:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        m = pipeline._microbatches_for(data, kind)
+        K = pipeline.num_stages
+        if training and pipeline.schedule.check(K, m):
+            raise PipelineConfigError(
+                f"a training batch runs as {m} micro-batches: " + pipeline.schedule.check(K, m)
+                + f" Use a batch size that divides by microbatches ({pipeline.num_microbatches}).")
+        weight = 1.0 / m
+        parts = microbatch.split((x, y, sample_weight), m)
+        order = [a for a in pipeline.schedule.creation_order(K, m, forward_only=not training)
+                 if stages[a.stage].rank == self.rank]
+        pack = lambda value: tf.nest.map_structure(lambda t: meshes.pack(t, 0), value)
+        acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
+        outputs, losses = {}, []
+        sums: dict[int, tf.Tensor] = {}
+        index = {id(v): i for i, v in enumerate(variables)}
+
+        def accumulate(sources, grads):
+            for v, g in zip(sources, grads):
+                if g is not None:
+                    i = index[id(v)]
+                    sums[i] = g if i not in sums else sums[i] + g
+
+        for action in order:
+            s, mb = action.stage, action.microbatch
+            stage = stages[s]
+            xb, yb, wb = parts[mb]
+            if action.kind == FORWARD:
+                if s == 0:
+                    inp = pack(xb)
+                elif stages[s - 1].rank == self.rank:
+                    inp = acts.pop((s - 1, mb))
+                else:
+                    inp = self._receive(stages[s - 1].rank, f"F{s - 1}.{mb}",
+                                        stage.spec.inputs)
+                tape = tf.GradientTape() if training else contextlib.nullcontext()
+                with tape:
+                    if training and s > 0:
+                        tape.watch([t for t in tf.nest.flatten(inp) if t.dtype.is_floating])
+                    out = forward[s](inp)
+                    loss = target = None
+                    if stage.is_last and kind != "predict":
+                        loss = loss_of(out, pack(xb), pack(yb), pack(wb))
+                    if training:
+                        target = (model.optimizer.scale_loss(loss) * weight if stage.is_last
+                                  else out)
+                if loss is not None:
+                    losses.append(loss * weight)
+                if stage.is_last:
+                    outputs[mb] = out
+                elif stages[s + 1].rank == self.rank:
+                    acts[(s, mb)] = out
+                else:
+                    self._send(stages[s + 1].rank, f"F{s}.{mb}", out)
+                if training:
+                    tapes[(s, mb)], inputs[(s, mb)], targets[(s, mb)] = tape, inp, target
+            else:  # BACKWARD (split-backward schedules are refused)
+                if stage.is_last:
+                    upstream = None
+                elif stages[s + 1].rank == self.rank:
+                    upstream = input_grads.pop((s + 1, mb))
+                else:
+                    upstream = self._receive(stages[s + 1].rank, f"B{s + 1}.{mb}",
+                                             stage.spec.outputs, gradients=True)
+                received = tf.nest.flatten(inputs.pop((s, mb))) if s > 0 else []
+                sources = list(stage.trainable_variables)
+                grads = tapes.pop((s, mb)).gradient(
+                    targets.pop((s, mb)), sources + received, output_gradients=upstream)
+                grads = [None if g is None else _dense(g) for g in grads]
+                accumulate(sources, grads[:len(sources)])
+                grads = grads[len(sources):]
+                if s > 0:
+                    if stages[s - 1].rank == self.rank:
+                        input_grads[(s, mb)] = grads
+                    else:
+                        self._send(stages[s - 1].rank, f"B{s}.{mb}", grads)
+
+        if training:
+            grads = [sums.get(i) for i in range(len(variables))]
+            compiled.apply(grads, self._clip_scale(model.optimizer, grads, compiled.squares))
+        holds_loss = stages[-1].rank == self.rank
+        peers = [r for r in range(group.size) if r != self.rank]
+        if kind == "predict":
+            if holds_loss:
+                y_pred = meshes.to_host(microbatch.merge([outputs[mb] for mb in range(m)]))
+                flat = [np.asarray(t) for t in tf.nest.flatten(y_pred)]
+                for peer in peers:
+                    group.send(peer, "predict", flat)
+                return y_pred
+            flat, _ = group.recv(stages[-1].rank, "predict")
+            return tf.nest.pack_sequence_as(stages[-1].spec.outputs, flat)
+        if holds_loss:
+            y_pred = microbatch.merge([outputs[mb] for mb in range(m)])
+            logs = compiled.finish(pack(y), y_pred, pack(sample_weight), tf.add_n(losses))
+            logs = {k: float(np.asarray(gather(v) if dtensor.is_dtensor(v) else v))
+                    for k, v in logs.items()}
+            for peer in peers:
+                group.send(peer, "logs", meta=logs)
+        else:
+            _, logs = group.recv(stages[-1].rank, "logs")
+        self._logs = logs
+        return logs
+
+    def _clip_scale(self, optimizer, grads, squares) -> float:
+        """Keras's global-norm clipping factor, the norm taken over every stage's
+        gradients: each process sums its squares, the sums meet in every process."""
+        clip_norm = optimizer.global_clipnorm
+        if not clip_norm:
+            return 1.0
+        mine = [g for g in grads if g is not None]
+        local = float(np.asarray(gather(squares(mine)))) if mine else 0.0
+        norm = float(np.sqrt(self.group.all_sum(local, tag="clip")))
+        # As Keras: a no-op below clip_norm, NaN for a non-finite norm.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(clip_norm * min(1.0 / norm, 1.0 / clip_norm) + (norm - norm))
+
+    # ------------------------------------------------------------ transport
+    def _send(self, peer: int, tag: str, value) -> None:
+        flat = [None if t is None else np.asarray(gather(t) if dtensor.is_dtensor(t) else t)
+                for t in tf.nest.flatten(value)]
+        self.group.send(peer, tag, flat)
+
+    def _receive(self, peer: int, tag: str, structure, gradients: bool = False):
+        flat, _ = self.group.recv(peer, tag)
+        packed = [None if a is None else self.meshes.pack(a, 0) for a in flat]
+        if gradients:
+            return packed  # output_gradients: a flat list, as the tape flattens its target
+        return tf.nest.pack_sequence_as(structure, packed)
+
+
+def _host(variable):
+    """A Keras variable's value as a NumPy array (a DVariable's gathered from its mesh)."""
+    if dtensor_variables.is_dvariable(variable):
+        return np.asarray(gather(variable._value.read_value()))
+    return np.asarray(variable.value)
