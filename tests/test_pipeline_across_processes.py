@@ -74,11 +74,13 @@ def test_a_pipeline_across_processes_equals_the_exact_single_device_run(layout):
         assert f"the controller ended; rank {rank} exits with 0" in result.stdout
 
 
-# One program per process: (devices per process, flags). Stage k is process k's mesh.
+# One program per process: (processes, devices per process, flags). Process
+# k*R + r holds replica r of stage k (R processes per stage), on its own mesh.
 MESH_LAYOUTS = {
-    "pp2 across 2 processes x tp2 inside, 1F1B": (2, ["--pp=2", "--tp=2", "--schedule=1f1b"]),
-    "pp2 across 2 processes x (dp2 x tp2) inside, GPipe": (
-        4, ["--pp=2", "--dp=2", "--tp=2", "--schedule=gpipe"]),
+    "pp2 across 2 processes x tp2 inside, 1F1B": (2, 2, ["--pp=2", "--tp=2", "--schedule=1f1b"]),
+    # dp 4 = 2 replicas across processes x 2 inside each: 16 devices.
+    "pp2 x dp2 across 4 processes x (dp2 x tp2) inside, GPipe": (
+        4, 4, ["--pp=2", "--dp=4", "--tp=2", "--schedule=gpipe"]),
 }
 
 
@@ -86,8 +88,9 @@ MESH_LAYOUTS = {
 def test_tensor_parallel_stages_across_processes_equal_the_exact_single_device_run(layout):
     """10 AdamW steps of a 2-block GPT, 4 micro-batches, under `tfpar launch`;
     rank 0's saved model (every stage's weights gathered) against one device."""
-    devices, flags = MESH_LAYOUTS[layout]
-    result = tfpar_cli("launch", "--nproc", "2", "--", *WORKER, *flags, "--microbatches=4",
+    processes, devices, flags = MESH_LAYOUTS[layout]
+    result = tfpar_cli("launch", "--nproc", str(processes), "--", *WORKER, *flags,
+                       "--microbatches=4",
                        f"--num_simulated_devices={devices}", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     row = last_json(result.stdout)
@@ -95,7 +98,7 @@ def test_tensor_parallel_stages_across_processes_equal_the_exact_single_device_r
     assert row["moved"] > 100 * TOLERANCE
     assert row["max_abs_diff"] <= TOLERANCE, row
     assert row["plain_from_pipeline"] == 0.0
-    assert row["dims"]["world_size"] == 2 * devices and row["dims"]["tp"] == 2
+    assert row["dims"]["world_size"] == processes * devices and row["dims"]["tp"] == 2
     # Rank 0's mesh is its own devices; its stage's weights are DTensor variables.
     assert len(row["devices"]) == devices
     assert all(d.startswith("/job:localhost/") for d in row["devices"])

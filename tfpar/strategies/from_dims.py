@@ -15,7 +15,7 @@ Which strategy runs which degrees:
 | fsdp (x tp, or x dp: HSDP) | `ShardedDataParallel` (ZeRO-`zero_stage`) on "batch:dp*fsdp,model:tp" |
 | pp (x dp) | `Pipeline` with pp stages and dp replicas |
 | pp (x dp) across processes | `Pipeline` driven by rank 0 over every process's devices (`tfpar.cluster.single_controller`) |
-| pp across processes x tp/fsdp (x dp) inside each | `Pipeline` with a `ProcessGroup`: every process runs its own stage's mesh (`tfpar.strategies.pipeline.process_stages`) |
+| pp (x dp) across processes x tp/fsdp (x dp) inside each | `Pipeline` with a `ProcessGroup`: every process runs its own stage's mesh (`tfpar.strategies.pipeline.process_stages`) |
 | pp x tp (x dp) | `Pipeline` whose stages are DTensor meshes "batch:dp,model:tp" (`stage_meshes`), one process |
 | pp x fsdp (x tp) | `Pipeline` whose stage meshes "batch:fsdp,model:tp" shard their weights (ZeRO-3) |
 """
@@ -99,35 +99,41 @@ def build(dims: ParallelDims, *, kind: str | None = None, cluster=None, layouts=
         return strategies.TensorParallel(dims.mesh_spec(), layouts,
                                          num_local_devices=num_local_devices)
     devices = group = None
+    local_dp = dims.dp
     if cluster is not None and cluster.num_workers > 1:
         if dims.tp > 1 or dims.fsdp > 1:
-            group = _process_group(dims, cluster, multi_worker or {})
+            group, local_dp = _process_group(dims, cluster, multi_worker or {})
         else:
             devices = _devices_across_processes(dims, cluster, multi_worker or {})
     return strategies.Pipeline(stages=dims.pp, split_points=split_points,
                                microbatches=dims.microbatches, schedule=dims.schedule,
-                               virtual_stages=dims.virtual_stages, replicas=dims.dp,
+                               virtual_stages=dims.virtual_stages, replicas=local_dp,
                                tensor_parallel=dims.tp, fsdp=dims.fsdp, devices=devices,
                                layout_map=layouts if dims.tp > 1 else "megatron",
                                process_group=group)
 
 
 def _process_group(dims: ParallelDims, cluster, timeouts: dict):
-    """Tensor-parallel (or sharded) stages across processes: one stage per
-    process, each on its own devices, every process running its own stage
-    (`tfpar.strategies.pipeline.process_stages`)."""
+    """Tensor-parallel (or sharded) stages across processes: each process holds
+    one stage's mesh (or one data-parallel replica's share of it) and runs that
+    stage itself (`tfpar.strategies.pipeline.process_stages`). Returns the
+    group and the data-parallel devices inside each process."""
     from tfpar.cluster.process_group import ProcessGroup
 
-    if dims.pp != cluster.num_workers:
+    processes = cluster.num_workers
+    per_stage = processes // dims.pp if processes % dims.pp == 0 else 0
+    if not per_stage or dims.dp % per_stage:
         raise ParallelDimsError(
             f"{dims}: tensor-parallel or sharded stages across processes put one pipeline "
-            f"stage in each process (tensor and data parallelism inside it), so pp must equal "
-            f"the {cluster.num_workers} processes. Use --pp={cluster.num_workers} (and "
-            "--dp/--tp/--fsdp over each process's devices), or run without --tp/--fsdp, "
-            "where data-parallel pipelines may span processes.")
-    return ProcessGroup.from_cluster(
+            f"stage in each process, or one data-parallel replica of it, so pp must divide "
+            f"the {processes} processes and dp must divide by the processes per stage "
+            f"({processes} / pp). Use e.g. --pp={processes} (or --pp={processes} / k with "
+            "--dp a multiple of k), and --dp/--tp/--fsdp over each process's devices; or run "
+            "without --tp/--fsdp, where data-parallel pipelines may span processes freely.")
+    group = ProcessGroup.from_cluster(
         cluster, heartbeat_timeout_s=timeouts.get("heartbeat_timeout_s", 30.0),
         connect_timeout_s=timeouts.get("register_timeout_s", 300.0))
+    return group, dims.dp // per_stage
 
 
 def _devices_across_processes(dims: ParallelDims, cluster, timeouts: dict) -> list[list[str]]:

@@ -94,9 +94,19 @@ class ProcessStages:
     `StageMeshes` of this process's one mesh.
     """
 
-    def __init__(self, group, meshes):
+    def __init__(self, group, meshes, stages: int):
+        if group.size % stages:
+            raise PipelineConfigError(
+                f"stages={stages} do not divide the {group.size} processes of the group: "
+                "each stage is held by the same number of processes (its data-parallel "
+                f"replicas). Use a number of stages that divides {group.size}.")
         self.group, self.meshes = group, meshes
         self.rank = group.rank
+        # Processes are ordered pipeline-outermost, then data (as
+        # `ParallelDims.coordinates` orders devices): process k*R + r holds
+        # replica r of pipeline device k.
+        self.replicas = group.size // stages  # R: processes per stage
+        self.device, self.replica = divmod(self.rank, self.replicas)
         self.mine: list = []  # this process's stages
         self.owned: set[int] = set()  # ids of the variables this process trains
         self._building_slots = False
@@ -111,16 +121,11 @@ class ProcessStages:
             for v in stage.variables:
                 if owner.setdefault(id(v), stage.rank) != stage.rank:
                     raise StageMeshError(
-                        f"weight {v.path!r} is used by the stages of processes "
+                        f"weight {v.path!r} is used by the stages of pipeline devices "
                         f"{owner[id(v)]} and {stage.rank} (a tied embedding?); a weight must "
                         "live in one process. Untie it, or cut the model so that both uses "
                         "fall in stages of one process (split_points).")
-        self.mine = [s for s in stages if s.rank == self.rank]
-        if not self.mine:
-            raise PipelineConfigError(
-                f"process {self.rank} holds no stage of this {len(stages)}-stage pipeline: a "
-                f"pipeline across processes needs one process per pipeline device; run "
-                f"stages={self.group.size}.")
+        self.mine = [s for s in stages if s.rank == self.device]
         for stage in self.mine:
             for v in stage.variables:
                 if id(v) in self.owned:
@@ -130,9 +135,8 @@ class ProcessStages:
                 if self.meshes.shard_weights and v.trainable:
                     layout = shard_on_axis(layout, v.shape, BATCH_AXIS)
                 self.meshes.place(v, layout)
-        self.loss_rank = stages[-1].rank
         others = list(getattr(model.optimizer, "variables", ()))
-        if self.rank == self.loss_rank:
+        if stages[-1].rank == self.device:
             for metric in model.metrics:
                 others += list(metric.variables)
         else:
@@ -173,15 +177,16 @@ class ProcessStages:
         mine_s = [i for i, v in enumerate(slots)
                   if id(v) not in shared and id(v) not in self.owned
                   and dtensor_variables.is_dvariable(v)]
-        if self.rank != 0:
+        if self.rank == 0:
+            for peer in range(self.replicas, self.group.size, self.replicas):
+                values, meta = self.group.recv(peer, "gather")
+                targets = ([weights[i] for i in meta["weights"]]
+                           + [slots[i] for i in meta["slots"]])
+                for variable, value in zip(targets, values):
+                    variable.assign(value)
+        elif self.replica == 0:  # the other replicas hold the same values
             values = [_host(weights[i]) for i in mine_w] + [_host(slots[i]) for i in mine_s]
             self.group.send(0, "gather", values, meta={"weights": mine_w, "slots": mine_s})
-            return
-        for peer in range(1, self.group.size):
-            values, meta = self.group.recv(peer, "gather")
-            targets = [weights[i] for i in meta["weights"]] + [slots[i] for i in meta["slots"]]
-            for variable, value in zip(targets, values):
-                variable.assign(value)
 
     # --------------------------------------------------------------- steps
     def step_function(self, pipeline, model, stages, kind: str):
@@ -250,16 +255,21 @@ class ProcessStages:
             x, y, sample_weight = data, None, None
         else:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.replicas > 1:  # this replica's rows of the global batch
+            x, y, sample_weight = (self._rows(t) for t in (x, y, sample_weight))
+            data = x if kind == "predict" else (x, y, sample_weight)
         m = pipeline._microbatches_for(data, kind)
         K = pipeline.num_stages
         if training and pipeline.schedule.check(K, m):
             raise PipelineConfigError(
                 f"a training batch runs as {m} micro-batches: " + pipeline.schedule.check(K, m)
                 + f" Use a batch size that divides by microbatches ({pipeline.num_microbatches}).")
-        weight = 1.0 / m
+        # Each replica's micro-batch loss is a mean over its rows: weighted
+        # 1/(R*M), the replicas' gradient sum is the whole batch's mean loss's.
+        weight = 1.0 / (self.replicas * m)
         parts = microbatch.split((x, y, sample_weight), m)
         order = [a for a in pipeline.schedule.creation_order(K, m, forward_only=not training)
-                 if stages[a.stage].rank == self.rank]
+                 if stages[a.stage].rank == self.device]
         pack = lambda value: tf.nest.map_structure(lambda t: meshes.pack(t, 0), value)
         acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
         outputs, losses = {}, []
@@ -279,10 +289,10 @@ class ProcessStages:
             if action.kind == FORWARD:
                 if s == 0:
                     inp = pack(xb)
-                elif stages[s - 1].rank == self.rank:
+                elif stages[s - 1].rank == self.device:
                     inp = acts.pop((s - 1, mb))
                 else:
-                    inp = self._receive(stages[s - 1].rank, f"F{s - 1}.{mb}",
+                    inp = self._receive(self.peer(stages[s - 1].rank), f"F{s - 1}.{mb}",
                                         stage.spec.inputs)
                 tape = tf.GradientTape() if training else contextlib.nullcontext()
                 with tape:
@@ -299,19 +309,19 @@ class ProcessStages:
                     losses.append(loss * weight)
                 if stage.is_last:
                     outputs[mb] = out
-                elif stages[s + 1].rank == self.rank:
+                elif stages[s + 1].rank == self.device:
                     acts[(s, mb)] = out
                 else:
-                    self._send(stages[s + 1].rank, f"F{s}.{mb}", out)
+                    self._send(self.peer(stages[s + 1].rank), f"F{s}.{mb}", out)
                 if training:
                     tapes[(s, mb)], inputs[(s, mb)], targets[(s, mb)] = tape, inp, target
             else:  # BACKWARD (split-backward schedules are refused)
                 if stage.is_last:
                     upstream = None
-                elif stages[s + 1].rank == self.rank:
+                elif stages[s + 1].rank == self.device:
                     upstream = input_grads.pop((s + 1, mb))
                 else:
-                    upstream = self._receive(stages[s + 1].rank, f"B{s + 1}.{mb}",
+                    upstream = self._receive(self.peer(stages[s + 1].rank), f"B{s + 1}.{mb}",
                                              stage.spec.outputs, gradients=True)
                 received = tf.nest.flatten(inputs.pop((s, mb))) if s > 0 else []
                 sources = list(stage.trainable_variables)
@@ -321,36 +331,126 @@ class ProcessStages:
                 accumulate(sources, grads[:len(sources)])
                 grads = grads[len(sources):]
                 if s > 0:
-                    if stages[s - 1].rank == self.rank:
+                    if stages[s - 1].rank == self.device:
                         input_grads[(s, mb)] = grads
                     else:
-                        self._send(stages[s - 1].rank, f"B{s}.{mb}", grads)
+                        self._send(self.peer(stages[s - 1].rank), f"B{s}.{mb}", grads)
 
         if training:
-            grads = [sums.get(i) for i in range(len(variables))]
+            grads = self._sum_over_replicas([sums.get(i) for i in range(len(variables))])
             compiled.apply(grads, self._clip_scale(model.optimizer, grads, compiled.squares))
-        holds_loss = stages[-1].rank == self.rank
-        peers = [r for r in range(group.size) if r != self.rank]
+        last = stages[-1].rank
+        # This replica's chain: the processes of every pipeline device but the last.
+        chain = [self.peer(k) for k in range(K) if k != last]
+        loss_group = [last * self.replicas + r for r in range(self.replicas)]
         if kind == "predict":
-            if holds_loss:
+            if self.device == last:
                 y_pred = meshes.to_host(microbatch.merge([outputs[mb] for mb in range(m)]))
-                flat = [np.asarray(t) for t in tf.nest.flatten(y_pred)]
-                for peer in peers:
+                flat = self._concat_over(loss_group, "predict",
+                                         [np.asarray(t) for t in tf.nest.flatten(y_pred)])
+                for peer in chain:
                     group.send(peer, "predict", flat)
-                return y_pred
-            flat, _ = group.recv(stages[-1].rank, "predict")
+            else:
+                flat, _ = group.recv(self.peer(last), "predict")
             return tf.nest.pack_sequence_as(stages[-1].spec.outputs, flat)
-        if holds_loss:
+        if self.device == last:
             y_pred = microbatch.merge([outputs[mb] for mb in range(m)])
             logs = compiled.finish(pack(y), y_pred, pack(sample_weight), tf.add_n(losses))
             logs = {k: float(np.asarray(gather(v) if dtensor.is_dtensor(v) else v))
                     for k, v in logs.items()}
-            for peer in peers:
+            logs = self._mean_over(loss_group, logs)
+            for peer in chain:
                 group.send(peer, "logs", meta=logs)
         else:
-            _, logs = group.recv(stages[-1].rank, "logs")
+            _, logs = group.recv(self.peer(last), "logs")
         self._logs = logs
         return logs
+
+    # ------------------------------------------------------------ replicas
+    def peer(self, device: int) -> int:
+        """The process of pipeline device `device` in this process's replica."""
+        return device * self.replicas + self.replica
+
+    def _rows(self, value):
+        """This replica's rows of a global batch (its R-th share, in order)."""
+        def one(t):
+            if t is None:
+                return None
+            t = tf.convert_to_tensor(t)
+            rows = int(t.shape[0])
+            if rows % self.replicas:
+                raise PipelineConfigError(
+                    f"a batch of {rows} rows cannot be split over the {self.replicas} "
+                    f"processes that hold each stage; use a batch size that divides by "
+                    f"{self.replicas} x microbatches x the data devices of each process.")
+            share = rows // self.replicas
+            return t[self.replica * share:(self.replica + 1) * share]
+        return tf.nest.map_structure(one, value)
+
+    def _sum_over_replicas(self, grads):
+        """The gradient sum over the R processes that hold this stage (data
+        parallelism across processes). Each sends the distinct shards its
+        devices hold (a DTensor's components that its layout splits) to the
+        others, and every process adds them in replica order, so every
+        replica steps with bit-identical gradients."""
+        if self.replicas == 1:
+            return grads
+        plans, payload = [], []
+        for g in grads:
+            if g is None:
+                plans.append(None)
+                continue
+            layout = dtensor.fetch_layout(g)
+            components = dtensor.unpack(g)
+            keys = [_shard_key(layout, i) for i in range(len(components))]
+            first = {}
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            plans.append((layout, keys, list(first)))
+            payload += [np.asarray(components[i]) for i in first.values()]
+        group = [self.device * self.replicas + r for r in range(self.replicas)]
+        for peer in group:
+            if peer != self.rank:
+                self.group.send(peer, "grads", payload)
+        parts = {peer: (payload if peer == self.rank else self.group.recv(peer, "grads")[0])
+                 for peer in group}
+        summed = [part.copy() for part in parts[group[0]]]
+        for peer in group[1:]:
+            for total, part in zip(summed, parts[peer]):
+                total += part
+        out, it = [], iter(summed)
+        for plan in plans:
+            if plan is None:
+                out.append(None)
+                continue
+            layout, keys, distinct = plan
+            value = {key: next(it) for key in distinct}
+            out.append(dtensor.pack([value[key] for key in keys], layout))
+        return out
+
+    def _mean_over(self, ranks, logs: dict) -> dict:
+        """The mean of every process's logs over `ranks` (the replicas of the
+        loss's stage): exact for the loss and mean metrics, whose replicas
+        average equal numbers of rows."""
+        if len(ranks) == 1:
+            return logs
+        for peer in ranks:
+            if peer != self.rank:
+                self.group.send(peer, "replica_logs", meta=logs)
+        every = [logs if peer == self.rank else self.group.recv(peer, "replica_logs")[1]
+                 for peer in ranks]
+        return {k: sum(one[k] for one in every) / len(every) for k in logs}
+
+    def _concat_over(self, ranks, tag: str, flat: list) -> list:
+        """Every replica's predictions, in replica (row) order."""
+        if len(ranks) == 1:
+            return flat
+        for peer in ranks:
+            if peer != self.rank:
+                self.group.send(peer, tag + "_rows", flat)
+        every = [flat if peer == self.rank else self.group.recv(peer, tag + "_rows")[0]
+                 for peer in ranks]
+        return [np.concatenate(parts) for parts in zip(*every)]
 
     def _clip_scale(self, optimizer, grads, squares) -> float:
         """Keras's global-norm clipping factor, the norm taken over every stage's
@@ -360,7 +460,8 @@ class ProcessStages:
             return 1.0
         mine = [g for g in grads if g is not None]
         local = float(np.asarray(gather(squares(mine)))) if mine else 0.0
-        norm = float(np.sqrt(self.group.all_sum(local, tag="clip")))
+        # Every replica of a stage holds the same (summed) gradients: count them once.
+        norm = float(np.sqrt(self.group.all_sum(local, tag="clip") / self.replicas))
         # As Keras: a no-op below clip_norm, NaN for a non-finite norm.
         with np.errstate(divide="ignore", invalid="ignore"):
             return float(clip_norm * min(1.0 / norm, 1.0 / clip_norm) + (norm - norm))
@@ -384,3 +485,14 @@ def _host(variable):
     if dtensor_variables.is_dvariable(variable):
         return np.asarray(gather(variable._value.read_value()))
     return np.asarray(variable.value)
+
+
+def _shard_key(layout, component: int) -> tuple:
+    """Which shard of a DTensor with `layout` local component `component`
+    holds: its coordinates on the mesh axes the layout splits (components
+    that differ only on the other axes are copies)."""
+    mesh = layout.mesh
+    sizes = [mesh.dim_size(name) for name in mesh.dim_names]
+    coords = np.unravel_index(component, sizes)
+    split = set(layout.sharding_specs) - {dtensor.UNSHARDED}
+    return tuple(int(c) for c, name in zip(coords, mesh.dim_names) if name in split)

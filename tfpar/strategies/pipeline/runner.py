@@ -243,20 +243,17 @@ class Pipeline(StrategyBase):
                     "differentiates inside each stage's layers, but a process runs its stage "
                     "as one compiled function, whose tape sees only its inputs and output. "
                     "Use \"1f1b\", \"gpipe\" or \"interleaved_1f1b\".")
-            if stages not in (None, 0, process_group.size):
-                raise PipelineConfigError(
-                    f"stages={stages} with a process group of {process_group.size} "
-                    f"processes: each process holds one pipeline device's stages; use "
-                    f"stages={process_group.size} (or leave it out).")
+            stages = stages or process_group.size
             use_local_meshes()
             data = replicas * fsdp
             flat = _flat_devices(devices, 1, data * tensor_parallel)
             self.stage_meshes = StageMeshes([flat], data, tensor_parallel, layout_map,
                                             shard_weights=fsdp > 1)
-            self.processes = ProcessStages(process_group, self.stage_meshes)
-            # One lane; the other processes' devices are theirs to name.
-            self.devices = [[flat[0] if r == process_group.rank else f"<process {r}>"
-                             for r in range(process_group.size)]]
+            self.processes = ProcessStages(process_group, self.stage_meshes, stages)
+            # One lane: pipeline device k is process k*R + r of this replica r;
+            # the other processes' devices are theirs to name.
+            self.devices = [[flat[0] if k == self.processes.device else
+                             f"<process {self.processes.peer(k)}>" for k in range(stages)]]
         elif tensor_parallel > 1 or fsdp > 1:
             if record_timeline:
                 raise PipelineConfigError(
@@ -294,11 +291,17 @@ class Pipeline(StrategyBase):
     @property
     def num_replicas_in_sync(self) -> int:
         """Data-parallel replicas: a global batch must divide by it."""
-        return self.replicas * self.fsdp
+        return self.replicas * self.fsdp * self._process_replicas
+
+    @property
+    def _process_replicas(self) -> int:
+        # With a process group: the processes that hold each stage (R).
+        return 1 if self.processes is None else self.processes.replicas
 
     @property
     def dims(self) -> ParallelDims:
-        return ParallelDims(dp=self.replicas, fsdp=self.fsdp, tp=self.tensor_parallel,
+        return ParallelDims(dp=self.replicas * self._process_replicas, fsdp=self.fsdp,
+                            tp=self.tensor_parallel,
                             pp=self.num_stages,
                             microbatches=self.num_microbatches, schedule=self.schedule.name,
                             virtual_stages=self.schedule.virtual_stages)
