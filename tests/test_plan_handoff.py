@@ -17,6 +17,7 @@ from tfpar.models import SIZES, GPTConfig
 from tfpar.parallel_dims import ParallelDims
 from tfpar.plan import Hardware, Workload, handoff, recommend
 from tfpar.plan.render import as_json
+from tfpar.plan.search import tfpar_flags
 
 NODE = {"devices_per_node": 8, "memory_gib": 80}
 PLANS = {
@@ -105,13 +106,33 @@ def test_a_command_line_that_contradicts_the_plan_is_refused(tmp_path, args, mes
         handoff.apply(parse_train([f"--plan={path}", *args]), path)
 
 
-def test_a_plan_tfpar_cannot_run_or_that_is_not_a_plan_is_refused(tmp_path):
-    # 175B on 1024 GPUs: 16 x 8 x 8, a pipeline across nodes.
+def test_the_published_175b_and_1t_layouts_are_runnable_in_shape(tmp_path):
+    """Megatron-LM's GPT-3 175B (1024 GPUs) and 1T (3072 GPUs) layouts, one process
+    per node of 8: every process runs one stage's tensor-parallel mesh of 8 GPUs,
+    R processes hold each stage as data-parallel replicas. Only the device count
+    keeps them from running here."""
     path = write_plan(tmp_path, "gpt3-175b on 1024")
+    _, dims = handoff.load(path)
+    assert (dims.dp, dims.tp, dims.pp) == (16, 8, 8)
+    assert dims.process_stages(1024 // 8) == (16, 1)  # 16 processes per stage, 1 x 8 GPUs each
+    fv = parse_train([f"--plan={path}"])
+    assert handoff.apply(fv, path) == dims == dims_from_flags(fv)
+    one_t = ParallelDims(dp=6, tp=8, pp=64, microbatches=64)  # Narayanan et al. (2021), Table 1
+    assert one_t.process_stages(3072 // 8) == (6, 1)
+    assert tfpar_flags(one_t, 1, 64, Hardware(devices=3072, **NODE)) == (
+        "--dp=6 --tp=8 --pp=64 --microbatches=64 --schedule=1f1b --global_batch_size=384")
+
+
+def test_a_plan_tfpar_cannot_run_or_that_is_not_a_plan_is_refused(tmp_path):
+    # 175B on 1024 GPUs with a split backward: its tensor-parallel stages run in
+    # their own processes, as one compiled function, which a split backward cannot split.
+    work = Workload(SIZES["gpt3-175b"], 1536, recompute="full", schedule="zb_h1")
+    path = tmp_path / "zb.json"
+    path.write_text(json.dumps(as_json(recommend(work, Hardware(devices=1024, **NODE)))))
     with pytest.raises(handoff.PlanFileError,
-                       match=r"cannot run the recommended layout \(dp=16, tp=8, pp=8: "
+                       match=r"cannot run the recommended layout \(dp=16, tp=4, pp=16: "
                              r".*--runnable_only"):
-        handoff.load(path)
+        handoff.load(str(path))
     nothing = as_json(recommend(Workload(SIZES["gpt3-175b"], 8), Hardware(devices=8, **NODE)))
     (tmp_path / "none.json").write_text(json.dumps(nothing))
     with pytest.raises(handoff.PlanFileError, match=r"recommends no layout \(nothing fits"):

@@ -189,6 +189,29 @@ class ParallelDims:
                     f"shard over every device (--fsdp={self.dp * self.fsdp})")
         return None
 
+    def process_stages(self, processes: int) -> tuple[int, int]:
+        """How a pipeline of tensor-parallel or sharded stages sits on
+        `processes` processes, each running its own stage's mesh
+        (`tfpar.strategies.pipeline.process_stages`): (R, the processes that
+        hold each stage as data-parallel replicas; the data-parallel devices
+        inside each process). Process k*R + r holds replica r of pipeline
+        device k, on dp/R x fsdp x tp devices of its own.
+
+            >>> ParallelDims(dp=16, tp=8, pp=8).process_stages(128)  # GPT-3 175B
+            (16, 1)
+        """
+        per_stage = processes // self.pp if processes % self.pp == 0 else 0
+        if not per_stage or self.dp % per_stage:
+            raise ParallelDimsError(
+                f"{self}: tensor-parallel or sharded stages across processes put one "
+                f"pipeline stage in each process, or one data-parallel replica of it, so pp "
+                f"must divide the {processes} processes and dp must divide by the processes "
+                f"per stage ({processes} / pp). Use e.g. --pp={processes} (or --pp="
+                f"{processes} / k with --dp a multiple of k), and --dp/--tp/--fsdp over each "
+                "process's devices; or run without --tp/--fsdp, where data-parallel "
+                "pipelines may span processes freely.")
+        return per_stage, self.dp // per_stage
+
     def check_runnable(self) -> "ParallelDims":
         """Raises ParallelDimsError if this release cannot run these degrees; returns self."""
         reason = self.unsupported()

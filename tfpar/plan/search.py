@@ -84,10 +84,7 @@ def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
     if dims.unsupported() is not None:
         return None
     if dims.pp_enabled and (dims.tp > 1 or dims.fsdp > 1) \
-            and dims.world_size > hw.devices_per_node:
-        # Tensor-parallel or sharded stage meshes copy between each other only
-        # within one process; a pipeline of device stages spans hosts (rank 0
-        # drives them).
+            and dims.world_size > hw.devices_per_node and not _runs_as_process_stages(dims, hw):
         return None
     per_step = dims.batch_shards * micro_batch
     extra = []
@@ -98,6 +95,21 @@ def tfpar_flags(dims: ParallelDims, micro_batch: int, microbatches: int,
     if reduce_dtype != "float32" and cost.compresses_gradients(dims) and dims.dp > 1:
         extra.append(f"--reduce_dtype={reduce_dtype}")
     return " ".join(dims.flags() + [f"--global_batch_size={per_step}"] + extra)
+
+
+def _runs_as_process_stages(dims: ParallelDims, hw: Hardware) -> bool:
+    """Whether a pipeline of tensor-parallel or sharded stages wider than a node
+    runs with one process per node, each process running one stage's mesh (or
+    one data-parallel replica's share of it) on the node's devices
+    (`tfpar.strategies.pipeline.process_stages`; a split backward does not)."""
+    n = hw.devices_per_node
+    if dims.world_size % n or get_schedule(dims.schedule, dims.virtual_stages).split_backward:
+        return False
+    try:
+        _, local_dp = dims.process_stages(dims.world_size // n)
+    except ParallelDimsError:
+        return False
+    return local_dp * dims.fsdp * dims.tp == n
 
 
 def recommend(work: Workload, hw: Hardware, runnable_only: bool = False) -> Plan:
@@ -214,6 +226,7 @@ def _reasons(plan: Plan) -> list[str]:
     if best.tfpar_flags is None:
         runnable = next((c for c in plan.candidates if c.fits and c.tfpar_flags), None)
         best_runnable = f"; the best it can run: {runnable.tfpar_flags}" if runnable else ""
-        reasons.append("tfpar cannot run this layout yet (a pipeline of tensor-parallel "
-                       "or sharded stages across hosts)" + best_runnable)
+        reasons.append("tfpar cannot run this layout yet (tensor-parallel or sharded "
+                       "stages across hosts run one stage's mesh per node, without a split "
+                       "backward)" + best_runnable)
     return reasons

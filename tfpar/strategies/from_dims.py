@@ -120,20 +120,11 @@ def _process_group(dims: ParallelDims, cluster, timeouts: dict):
     group and the data-parallel devices inside each process."""
     from tfpar.cluster.process_group import ProcessGroup
 
-    processes = cluster.num_workers
-    per_stage = processes // dims.pp if processes % dims.pp == 0 else 0
-    if not per_stage or dims.dp % per_stage:
-        raise ParallelDimsError(
-            f"{dims}: tensor-parallel or sharded stages across processes put one pipeline "
-            f"stage in each process, or one data-parallel replica of it, so pp must divide "
-            f"the {processes} processes and dp must divide by the processes per stage "
-            f"({processes} / pp). Use e.g. --pp={processes} (or --pp={processes} / k with "
-            "--dp a multiple of k), and --dp/--tp/--fsdp over each process's devices; or run "
-            "without --tp/--fsdp, where data-parallel pipelines may span processes freely.")
+    per_stage, local_dp = dims.process_stages(cluster.num_workers)
     group = ProcessGroup.from_cluster(
         cluster, heartbeat_timeout_s=timeouts.get("heartbeat_timeout_s", 30.0),
         connect_timeout_s=timeouts.get("register_timeout_s", 300.0))
-    return group, dims.dp // per_stage
+    return group, local_dp
 
 
 def _devices_across_processes(dims: ParallelDims, cluster, timeouts: dict) -> list[list[str]]:
