@@ -289,3 +289,42 @@ def test_cutting_a_stage_pods_link_ends_the_pipeline_within_the_heartbeat_bound(
     assert "task:1/device:CPU:0 answered nothing for 3 s" in output, output[-3000:]
     assert detected < 3 + 5, detected
     network.kill_all()
+
+
+# Tensor-parallel stages across the pods: every pod runs its own stage's mesh
+# of 2 devices (tfpar.strategies.pipeline.process_stages), the activations cross
+# between the pods' addresses on the worker port, the only one the policy opens.
+MESH_STAGES = ["--tp=2", "--num_simulated_devices=2"]
+
+
+@needs_netns
+def test_tensor_parallel_stages_across_three_pods_equal_the_exact_single_device_run(
+        network, tmp_path):
+    processes = pipeline_pods(network, tmp_path, *MESH_STAGES)
+    codes, outputs = wait_all(processes)
+    assert codes == [0] * WORKERS, outputs[0][-3000:]
+    row = json.loads(outputs[0].strip().splitlines()[-1])
+    assert row["max_abs_diff"] <= 1e-5 and row["moved"] > 1e-3, row
+    assert row["dims"]["world_size"] == 2 * WORKERS and row["dims"]["tp"] == 2
+
+
+@needs_netns
+def test_cutting_a_tensor_parallel_stage_pods_link_ends_every_pod_with_peer_lost(
+        network, tmp_path):
+    """The last stage's pod cut off: its neighbour hears nothing for the heartbeat
+    timeout and exits PEER_LOST (211); rank 0 then sees its neighbour gone and
+    exits 211 too, all within the bound: no hang, and the Job restarts the group."""
+    processes = pipeline_pods(network, tmp_path, *MESH_STAGES, "--steps=100000")
+    head = read_until(processes[0], "training")
+    assert head.endswith("training\n"), head[-3000:]
+    time.sleep(2)
+    network.cut(2)
+    cut_at = time.monotonic()
+    output = processes[0].communicate(timeout=60)[0]
+    detected = time.monotonic() - cut_at
+    print(f"rank 0 exited {processes[0].returncode} {detected:.1f} s after the link cut")
+    assert processes[0].returncode == exit_codes.PEER_LOST, output[-3000:]
+    assert "a peer process was lost; exiting with 211" in output, output[-3000:]
+    assert detected < 3 + 5, detected
+    assert processes[1].wait(timeout=30) == exit_codes.PEER_LOST
+    network.kill_all()
