@@ -2,18 +2,22 @@
 
 Prints the `fit` step time and tokens/s of the reference GPT:
   - plain Keras on one device (the baseline of every ratio);
-  - `Pipeline` of 2 stages on 2 simulated devices of this process;
-  - the same pipeline across 2 processes under `tfpar launch` (one device
-    each; rank 0 drives both, `tfpar.cluster.single_controller`);
+  - `Pipeline` of 2 stages on 2 simulated devices of this process (with
+    `--tp T`: each stage tensor-parallel over T devices, 2T in all);
+  - the same pipeline across 2 processes under `tfpar launch`: one device
+    each, rank 0 driving both (`tfpar.cluster.single_controller`); with
+    `--tp T`, T devices each, every process running its own stage's mesh
+    (`tfpar.strategies.pipeline.process_stages`);
 same global batch and micro-batches, medians over rounds.
 
 Usage::
 
-    python bench/pipeline_processes.py [--size mini] [--batch 16] [--microbatches 4]
+    python bench/pipeline_processes.py [--size mini] [--batch 16] [--microbatches 4] [--tp 2]
 
 Both processes share the machine's cores, as the simulated devices do: this
-measures what crossing processes costs (gRPC between them, the function
-partitioned by process), never a speed-up.
+measures what crossing processes costs (gRPC between them and the function
+partitioned by process; or, with --tp, messages over TCP and one function
+call per action), never a speed-up.
 """
 
 import argparse
@@ -30,26 +34,31 @@ def parse_args():
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(parser)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each stage")
     parser.add_argument("--across", action="store_true",
                         help="(internal) run as one rank of the 2-process job")
     return parser.parse_args()
 
 
 def across(args):
-    """One rank of the 2-process job: rank 1 serves, rank 0 times and prints JSON."""
+    """One rank of the 2-process job; rank 0 prints JSON. Without --tp rank 1
+    serves its device; with it, every rank trains its own stage."""
     import tfpar
     from tfpar.cluster import Cluster, single_controller
 
     cluster = Cluster.from_env()
-    if cluster.rank > 0:
+    if cluster.rank > 0 and args.tp == 1:
         sys.exit(single_controller.serve(cluster, num_local_devices=1))
-    tfpar.simulate_devices(1)
+    tfpar.simulate_devices(args.tp)
     from gpt_step import step_time
 
-    dims = tfpar.ParallelDims(pp=2, microbatches=args.microbatches, schedule=args.schedule)
-    times = [step_time(tfpar.strategies.build(dims, cluster=cluster), args.size, args.batch,
-                       args.steps, warmup=2) for _ in range(args.rounds)]
-    print(json.dumps({"across_processes": times}), flush=True)
+    dims = tfpar.ParallelDims(pp=2, tp=args.tp, microbatches=args.microbatches,
+                              schedule=args.schedule)
+    strategy = tfpar.strategies.build(dims, cluster=cluster, kind="pipeline")
+    times = [step_time(strategy, args.size, args.batch, args.steps, warmup=2)
+             for _ in range(args.rounds)]
+    if cluster.rank == 0:
+        print(json.dumps({"across_processes": times}), flush=True)
 
 
 def main():
@@ -58,16 +67,17 @@ def main():
         return across(args)
     import tfpar
 
-    tfpar.simulate_devices(2)
+    tfpar.simulate_devices(2 * args.tp)
     from gpt_step import step_time, summary
 
-    times = {"one_device": [], "pp2 in one process": []}
+    layout = "pp2" if args.tp == 1 else f"pp2 x tp{args.tp}"
+    local_name, across_name = f"{layout} in one process", f"{layout} across 2 processes"
+    times = {"one_device": [], local_name: []}
     for _ in range(args.rounds):
         times["one_device"].append(step_time(None, args.size, args.batch, args.steps, 2))
         strategy = tfpar.Pipeline(stages=2, microbatches=args.microbatches,
-                                  schedule=args.schedule)
-        times["pp2 in one process"].append(
-            step_time(strategy, args.size, args.batch, args.steps, 2))
+                                  schedule=args.schedule, tensor_parallel=args.tp)
+        times[local_name].append(step_time(strategy, args.size, args.batch, args.steps, 2))
     here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
         [sys.executable, "-m", "tfpar.cli.main", "launch", "--nproc", "2", "--",
@@ -78,11 +88,11 @@ def main():
              if '"across_processes"' in line]
     if result.returncode or not lines:
         sys.exit(f"the 2-process run failed ({result.returncode}):\n{result.stdout[-3000:]}")
-    times["pp2 across 2 processes"] = json.loads(lines[-1])["across_processes"]
+    times[across_name] = json.loads(lines[-1])["across_processes"]
 
     results = summary(times, args)
     print(json.dumps(results, indent=2))
-    local = results["step_time_s"]["pp2 in one process"]
+    local = results["step_time_s"][local_name]
     for name in times:
         print(f"{args.size} {name:>24}: {results['step_time_s'][name] * 1e3:7.1f} ms/step, "
               f"{results['tokens_per_s'][name]:8.0f} tokens/s, "

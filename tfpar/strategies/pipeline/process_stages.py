@@ -65,7 +65,7 @@ from tensorflow.experimental import dtensor
 from tfpar.compat import dtensor_variables
 from tfpar.compat.dtensor_variables import gather
 from tfpar.strategies.pipeline import microbatch
-from tfpar.strategies.pipeline.runner import PipelineConfigError, _dense
+from tfpar.strategies.pipeline.runner import PipelineConfigError
 from tfpar.strategies.pipeline.schedules import FORWARD
 from tfpar.strategies.pipeline.stage_meshes import StageMeshError, _swapped
 from tfpar.strategies.sharded import shard_on_axis
@@ -223,8 +223,22 @@ class ProcessStages:
             return model.compute_metrics(None, y, y_pred, sample_weight=sample_weight)
         finish = tf.function(finish, autograph=False, reduce_retracing=True)
 
+        # One call per backward adds its gradients to the sums (eager DTensor
+        # adds cost a dispatch each: one per variable and micro-batch). An
+        # Embedding's gradient comes as its (values, indices), summed per id
+        # here (as `tf.convert_to_tensor` of IndexedSlices does): passed whole,
+        # IndexedSlices make every call read their shape back from the mesh.
+        rows = [int(v.shape[0]) if len(v.shape) else 1 for v in variables]
+
+        def add(sums, grads):
+            dense = [g if not isinstance(g, tuple) else
+                     tf.math.unsorted_segment_sum(g[0], g[1], n) for g, n in zip(grads, rows)]
+            return [g if a is None else (a if g is None else a + g)
+                    for a, g in zip(sums, dense)]
+        add = tf.function(add, autograph=False)
         compiled = types.SimpleNamespace(forward=forward, loss_of=loss_of, apply=apply,
-                                         squares=squares, finish=finish, variables=variables)
+                                         squares=squares, finish=finish, variables=variables,
+                                         add=add)
 
         def run(data):
             return self._run(pipeline, model, stages, data, kind, compiled)
@@ -273,14 +287,17 @@ class ProcessStages:
         pack = lambda value: tf.nest.map_structure(lambda t: meshes.pack(t, 0), value)
         acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
         outputs, losses = {}, []
-        sums: dict[int, tf.Tensor] = {}
+        sums = [None] * len(variables)
         index = {id(v): i for i, v in enumerate(variables)}
 
         def accumulate(sources, grads):
+            nonlocal sums
+            aligned = [None] * len(variables)
             for v, g in zip(sources, grads):
-                if g is not None:
-                    i = index[id(v)]
-                    sums[i] = g if i not in sums else sums[i] + g
+                if isinstance(g, tf.IndexedSlices):
+                    g = (g.values, g.indices)
+                aligned[index[id(v)]] = g
+            sums = compiled.add(sums, aligned)
 
         for action in order:
             s, mb = action.stage, action.microbatch
@@ -327,7 +344,6 @@ class ProcessStages:
                 sources = list(stage.trainable_variables)
                 grads = tapes.pop((s, mb)).gradient(
                     targets.pop((s, mb)), sources + received, output_gradients=upstream)
-                grads = [None if g is None else _dense(g) for g in grads]
                 accumulate(sources, grads[:len(sources)])
                 grads = grads[len(sources):]
                 if s > 0:
@@ -337,7 +353,7 @@ class ProcessStages:
                         self._send(self.peer(stages[s - 1].rank), f"B{s}.{mb}", grads)
 
         if training:
-            grads = self._sum_over_replicas([sums.get(i) for i in range(len(variables))])
+            grads = self._sum_over_replicas(list(sums))
             compiled.apply(grads, self._clip_scale(model.optimizer, grads, compiled.squares))
         last = stages[-1].rank
         # This replica's chain: the processes of every pipeline device but the last.
@@ -467,17 +483,53 @@ class ProcessStages:
             return float(clip_norm * min(1.0 / norm, 1.0 / clip_norm) + (norm - norm))
 
     # ------------------------------------------------------------ transport
+    def _scatter(self, array: np.ndarray):
+        """A received activation (or gradient) -> a DTensor on this process's mesh,
+        split on its batch axis: each device's component packed directly."""
+        meshes = self.meshes
+        mesh = meshes.meshes[0]
+        if array.ndim == 0:
+            return meshes.pack(array, 0)
+        if array.shape[0] % meshes.data:
+            return meshes.pack(array, 0)  # raises, naming the rule
+        rows = np.split(array, meshes.data)
+        # Devices are batch-major: device b*T + t holds rows b.
+        components = [rows[i // meshes.tensor] for i in range(meshes.data * meshes.tensor)]
+        return dtensor.pack(components, dtensor.Layout.batch_sharded(mesh, BATCH_AXIS, array.ndim))
+
     def _send(self, peer: int, tag: str, value) -> None:
-        flat = [None if t is None else np.asarray(gather(t) if dtensor.is_dtensor(t) else t)
+        flat = [None if t is None else (_assemble(t) if dtensor.is_dtensor(t) else np.asarray(t))
                 for t in tf.nest.flatten(value)]
         self.group.send(peer, tag, flat)
 
     def _receive(self, peer: int, tag: str, structure, gradients: bool = False):
         flat, _ = self.group.recv(peer, tag)
-        packed = [None if a is None else self.meshes.pack(a, 0) for a in flat]
+        packed = [None if a is None else self._scatter(a) for a in flat]
         if gradients:
             return packed  # output_gradients: a flat list, as the tape flattens its target
         return tf.nest.pack_sequence_as(structure, packed)
+
+
+def _assemble(value) -> np.ndarray:
+    """A DTensor of this process's mesh -> its whole value, from its local
+    components (no collective: one process holds every device of its mesh)."""
+    layout = dtensor.fetch_layout(value)
+    mesh, specs = layout.mesh, layout.sharding_specs
+    sizes = [mesh.dim_size(name) for name in mesh.dim_names]
+    pieces = {}
+    for i, component in enumerate(dtensor.unpack(value)):
+        coords = dict(zip(mesh.dim_names, np.unravel_index(i, sizes)))
+        pieces.setdefault(tuple(0 if a == dtensor.UNSHARDED else int(coords[a]) for a in specs),
+                          component)
+
+    def build(prefix, dim):
+        if dim == len(specs):
+            return np.asarray(pieces[prefix])
+        count = 1 if specs[dim] == dtensor.UNSHARDED else mesh.dim_size(specs[dim])
+        parts = [build(prefix + (j,), dim + 1) for j in range(count)]
+        return parts[0] if count == 1 else np.concatenate(parts, axis=dim)
+
+    return build((), 0)
 
 
 def _host(variable):
