@@ -643,7 +643,8 @@ def from_flags(flag_values: flags.FlagValues = FLAGS):
     cluster) is driven by rank 0: on every other rank this call serves the
     process's devices until rank 0 ends, then exits the process
     (`tfpar.cluster.single_controller`), so the code after it runs on rank 0
-    only.
+    only. With --tp or --fsdp every rank returns its own stage's pipeline
+    and runs the code after it (`tfpar.strategies.pipeline.process_stages`).
     """
     from tfpar.devices import simulate_devices
     from tfpar.precision import set_precision

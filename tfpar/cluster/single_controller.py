@@ -17,8 +17,8 @@ pipeline on local devices to 3e-6 after 12 AdamW steps; DTensor stage meshes
 cannot span processes (a cross-mesh copy needs both meshes on the same
 hosts), and multi-client DTensor meshes of one process each collide (every
 client numbers its collective groups from 0, so two clients' local meshes
-join the same group). Tensor-parallel stages across processes are therefore
-not offered.
+join the same group). Tensor-parallel stages across processes therefore run
+one program per process instead (`tfpar.strategies.pipeline.process_stages`).
 
 What the processes do:
 
