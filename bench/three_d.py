@@ -19,6 +19,9 @@ schedule's data dependencies, DTensor's SPMD programs), never a speed-up.
 Fixed-cost stages (`tfpar.strategies.pipeline.FixedCost`), with which
 bench/pipeline.py compares device stages to their schedule's ideal step,
 cannot run here: their sleeps are Python calls, which DTensor programs refuse.
+Tensor-parallel stages are compared with their schedule's ideal across
+processes instead, where each stage runs on a core of its own:
+`python bench/pipeline_processes.py --tp 2 --ideal`.
 """
 
 import argparse

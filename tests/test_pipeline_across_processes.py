@@ -105,6 +105,28 @@ def test_tensor_parallel_stages_across_processes_equal_the_exact_single_device_r
     assert any("device:CUSTOM" in d for d in row["variable_devices"])
 
 
+# Interleaved: two model stages per process, messages in both directions (1F1B's
+# order is the same code path with one stage each).
+@pytest.mark.parametrize("schedule, processes", [("interleaved_1f1b", 2)])
+def test_the_timeline_of_processes_follows_the_schedule_on_every_process(schedule, processes):
+    """record_timeline with stages in their own processes: rank 0's timeline has
+    every process's actions, each process's in its device's schedule order, and
+    no action began before the action of another process that it reads ended."""
+    from tfpar.strategies.pipeline import schedules
+
+    result = tfpar_cli("launch", "--nproc", str(processes), "--", sys.executable,
+                       str(WORKERS / "process_stages_timeline.py"), schedule, "4", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    line = next(line for line in reversed(result.stdout.splitlines()) if '"order"' in line)
+    row = json.loads(line[line.index("{"):])
+    plan = schedules.get(schedule)
+    for device in range(processes):
+        expected = [str(a) for a in plan.stage_order(device, processes, 4)]
+        assert row["order"][f"0,{device}"] == expected, (device, row["order"])
+    assert row["violations"] == [], row
+    assert row["steps"] == [0, 1] and 0 < row["bubble"] < 1
+
+
 def start(ports, rank, *flags):
     cluster = Cluster.from_hosts([f"127.0.0.1:{p}" for p in ports], task_index=rank)
     env = dict(os.environ, TF_CONFIG=cluster.to_json(), PYTHONUNBUFFERED="1",

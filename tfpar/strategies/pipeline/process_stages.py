@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import types
 
 import keras
@@ -66,7 +67,8 @@ from tfpar.compat import dtensor_variables
 from tfpar.compat.dtensor_variables import gather
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.runner import PipelineConfigError
-from tfpar.strategies.pipeline.schedules import FORWARD
+from tfpar.strategies.pipeline.schedules import BACKWARD, FORWARD
+from tfpar.strategies.pipeline.timeline import Span
 from tfpar.strategies.pipeline.stage_meshes import StageMeshError, _swapped
 from tfpar.strategies.sharded import shard_on_axis
 from tfpar.strategies.tensor.mesh import BATCH_AXIS
@@ -287,6 +289,9 @@ class ProcessStages:
         pack = lambda value: tf.nest.map_structure(lambda t: meshes.pack(t, 0), value)
         acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
         outputs, losses = {}, []
+        timeline = pipeline.timeline if training else None
+        step = timeline.next_step() if timeline is not None else None
+        spans = []  # (device, microbatch, kind, start, end, model stage)
         sums = [None] * len(variables)
         index = {id(v): i for i, v in enumerate(variables)}
 
@@ -311,6 +316,7 @@ class ProcessStages:
                 else:
                     inp = self._receive(self.peer(stages[s - 1].rank), f"F{s - 1}.{mb}",
                                         stage.spec.inputs)
+                began = time.perf_counter()
                 tape = tf.GradientTape() if training else contextlib.nullcontext()
                 with tape:
                     if training and s > 0:
@@ -324,6 +330,9 @@ class ProcessStages:
                                   else out)
                 if loss is not None:
                     losses.append(loss * weight)
+                if timeline is not None:
+                    _wait_for(out)
+                spans.append((stage.rank, mb, FORWARD, began, time.perf_counter(), s))
                 if stage.is_last:
                     outputs[mb] = out
                 elif stages[s + 1].rank == self.device:
@@ -340,18 +349,24 @@ class ProcessStages:
                 else:
                     upstream = self._receive(self.peer(stages[s + 1].rank), f"B{s + 1}.{mb}",
                                              stage.spec.outputs, gradients=True)
+                began = time.perf_counter()
                 received = tf.nest.flatten(inputs.pop((s, mb))) if s > 0 else []
                 sources = list(stage.trainable_variables)
                 grads = tapes.pop((s, mb)).gradient(
                     targets.pop((s, mb)), sources + received, output_gradients=upstream)
                 accumulate(sources, grads[:len(sources)])
                 grads = grads[len(sources):]
+                if timeline is not None:
+                    _wait_for(sums + grads)
+                spans.append((stage.rank, mb, BACKWARD, began, time.perf_counter(), s))
                 if s > 0:
                     if stages[s - 1].rank == self.device:
                         input_grads[(s, mb)] = grads
                     else:
                         self._send(self.peer(stages[s - 1].rank), f"B{s}.{mb}", grads)
 
+        if timeline is not None:
+            self._record(timeline, step, spans)
         if training:
             grads = self._sum_over_replicas(list(sums))
             compiled.apply(grads, self._clip_scale(model.optimizer, grads, compiled.squares))
@@ -381,6 +396,21 @@ class ProcessStages:
             _, logs = group.recv(self.peer(last), "logs")
         self._logs = logs
         return logs
+
+    def _record(self, timeline, step: int, spans: list) -> None:
+        """Every process's spans of this step into rank 0's timeline. Each action
+        is timed around its call, from when its input had arrived (CPU eager
+        calls return when done); processes on one host share its monotonic
+        clock, processes on different hosts each keep their own."""
+        if self.rank != 0:
+            self.group.send(0, "timeline", meta=spans)
+            return
+        every = {0: spans}
+        for peer in range(1, self.group.size):
+            every[peer] = self.group.recv(peer, "timeline")[1]
+        timeline.add([Span(step, rank % self.replicas, device, mb, kind, start, end, model)
+                      for rank, rows in every.items()
+                      for device, mb, kind, start, end, model in rows])
 
     # ------------------------------------------------------------ replicas
     def peer(self, device: int) -> int:
@@ -508,6 +538,14 @@ class ProcessStages:
         if gradients:
             return packed  # output_gradients: a flat list, as the tape flattens its target
         return tf.nest.pack_sequence_as(structure, packed)
+
+
+def _wait_for(values) -> None:
+    """Returns once `values` are computed: a DTensor function call may return
+    before its devices finish, and a span must end when they have."""
+    for t in tf.nest.flatten(values):
+        if t is not None and dtensor.is_dtensor(t):
+            dtensor.unpack(t)
 
 
 def _assemble(value) -> np.ndarray:

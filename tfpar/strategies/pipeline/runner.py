@@ -160,7 +160,8 @@ class Pipeline(StrategyBase):
         keras DeviceMesh -> LayoutMap (e.g. a keras-hub backbone's
         `get_layout_map`), with `tensor_parallel`.
       costs: {layer name: cost} to balance by instead of parameter counts.
-      record_timeline: record every action's span (`self.timeline`).
+      record_timeline: record every action's span (`self.timeline`; with a
+        process_group, rank 0's has every process's, one lane each).
       process_group: a `tfpar.cluster.process_group.ProcessGroup` of K
         processes: stage k lives in process k, on that process's own
         `devices` (its mesh "batch:replicas*fsdp,model:tensor_parallel");
@@ -232,11 +233,6 @@ class Pipeline(StrategyBase):
             from tfpar.strategies.pipeline.process_stages import (ProcessStages,
                                                                   use_local_meshes)
 
-            if record_timeline:
-                raise PipelineConfigError(
-                    "record_timeline=True with a process_group: the other stages' actions "
-                    "run in other processes. Record the timeline of the same schedule on "
-                    "this process's devices.")
             if self.schedule.split_backward:
                 raise PipelineConfigError(
                     f"schedule={self.schedule.name!r} with a process_group: a split backward "
@@ -274,13 +270,19 @@ class Pipeline(StrategyBase):
         reason = self.schedule.check(self.num_stages, microbatches)
         if reason:
             raise PipelineConfigError(reason)
-        if record_timeline and self.spans_processes:
+        if record_timeline and self.spans_processes and self.processes is None:
             raise PipelineConfigError(
                 "record_timeline=True with stages on other processes' devices: the "
                 "timeline's markers are Python calls, which run only in this process. Record "
                 "the timeline of the same schedule on this process's devices.")
         self.timeline = Timeline() if record_timeline else None
-        if self.timeline is not None:
+        if self.timeline is not None and self.processes is not None:
+            # Rank 0's timeline gathers every process's spans, one lane each.
+            group = self.processes.group
+            for rank in range(group.size):
+                device, replica = divmod(rank, self.processes.replicas)
+                self.timeline.devices[(replica, device)] = f"process {rank}"
+        elif self.timeline is not None:
             for r, row in enumerate(self.devices):
                 for s, device in enumerate(row):
                     self.timeline.devices[(r, s)] = device

@@ -98,6 +98,12 @@ class Timeline:
                 self._end[step_key] = now
                 self.spans.append(Span(self.step, *key[:4], start, now, *key[4:]))
 
+    def add(self, spans) -> None:
+        """Records spans measured elsewhere (a pipeline whose stages run in
+        their own processes times each action around its call)."""
+        with self._lock:
+            self.spans.extend(spans)
+
     def mark(self, tensors, key: tuple, begin: bool, after=()):
         """Passes `tensors` (a structure) through a marker that records the time.
 
