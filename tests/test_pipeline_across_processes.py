@@ -125,6 +125,9 @@ def test_the_timeline_of_processes_follows_the_schedule_on_every_process(schedul
         assert row["order"][f"0,{device}"] == expected, (device, row["order"])
     assert row["violations"] == [], row
     assert row["steps"] == [0, 1] and 0 < row["bubble"] < 1
+    # predict and evaluate run across the processes too, on the trained weights.
+    assert row["predict_shape"] == [16, 16, 64] and row["predict_gap"] < 1e-4, row
+    assert row["evaluate_gap"] < 1e-4, row
 
 
 def start(ports, rank, *flags):

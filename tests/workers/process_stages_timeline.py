@@ -4,7 +4,8 @@ Run under `tfpar launch --nproc K`: every rank trains a 4-block GPT, pp K x tp 2
 (2 devices each), with record_timeline=True; rank 0, whose timeline has every
 process's spans, prints one JSON line: each lane's actions in the order they
 started, and every cross-process dependency whose consumer started before its
-producer ended (none expected).
+producer ended (none expected); and every rank's `predict` and `evaluate`
+against the gathered model on one device.
 """
 
 import json
@@ -33,9 +34,18 @@ def main():
         model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=tfpar.models.lm_loss())
     tokens = np.random.RandomState(0).randint(0, SHAPE.vocab, size=(32, SHAPE.seq_len + 1))
     model.fit(tokens[:, :-1], tokens[:, 1:], batch_size=16, verbose=0)  # 2 steps
+    timeline = strategy.timeline
+    # Every rank: predictions come from the last stage's process, whole.
+    predicted = model.predict(tokens[:16, :-1], batch_size=16, verbose=0)
+    loss = model.evaluate(tokens[:16, :-1], tokens[:16, 1:], batch_size=16, verbose=0)
+    strategy.gather_weights(model)  # every rank: rank 0's model becomes whole
     if cluster.rank != 0:
         return
-    timeline = strategy.timeline
+    # The gathered model on one device must predict the same logits.
+    plain = tfpar.models.gpt(SHAPE)
+    plain.set_weights(model.get_weights())
+    logits = plain(tokens[:16, :-1]).numpy()
+    loss_plain = float(tfpar.models.lm_loss()(tokens[:16, 1:], logits))
     spans = {(s.kind, s.microbatch, s.model_stage): s for s in timeline.of_step()}
     late = []
     for (kind, mb, stage), span in spans.items():
@@ -46,7 +56,10 @@ def main():
     print(json.dumps({"order": {f"{r},{d}": labels for (r, d), labels in
                                 timeline.order().items()},
                       "violations": late, "bubble": timeline.bubble_fraction(),
-                      "steps": timeline.steps(), "lanes": sorted(map(list, timeline.devices))}))
+                      "steps": timeline.steps(), "lanes": sorted(map(list, timeline.devices)),
+                      "predict_shape": list(predicted.shape),
+                      "predict_gap": float(np.abs(predicted - logits).max()),
+                      "evaluate_gap": abs(float(loss) - loss_plain)}))
 
 
 if __name__ == "__main__":

@@ -230,14 +230,18 @@ class ProcessStages:
         # Embedding's gradient comes as its (values, indices), summed per id
         # here (as `tf.convert_to_tensor` of IndexedSlices does): passed whole,
         # IndexedSlices make every call read their shape back from the mesh.
-        rows = [int(v.shape[0]) if len(v.shape) else 1 for v in variables]
+        def adder(stage):
+            rows = [int(v.shape[0]) if len(v.shape) else 1 for v in stage.trainable_variables]
 
-        def add(sums, grads):
-            dense = [g if not isinstance(g, tuple) else
-                     tf.math.unsorted_segment_sum(g[0], g[1], n) for g, n in zip(grads, rows)]
-            return [g if a is None else (a if g is None else a + g)
-                    for a, g in zip(sums, dense)]
-        add = tf.function(add, autograph=False)
+            def add(sums, grads):
+                dense = [g if not isinstance(g, tuple) else
+                         tf.math.unsorted_segment_sum(g[0], g[1], n) for g, n in zip(grads, rows)]
+                return [g if a is None else (a if g is None else a + g)
+                        for a, g in zip(sums, dense)]
+            return tf.function(add, autograph=False)
+        # One per stage (a process holds several under interleaved schedules):
+        # each traces its own variables' structure once.
+        add = {stage.index: adder(stage) for stage in self.mine}
         compiled = types.SimpleNamespace(forward=forward, loss_of=loss_of, apply=apply,
                                          squares=squares, finish=finish, variables=variables,
                                          add=add)
@@ -292,17 +296,12 @@ class ProcessStages:
         timeline = pipeline.timeline if training else None
         step = timeline.next_step() if timeline is not None else None
         spans = []  # (device, microbatch, kind, start, end, model stage)
-        sums = [None] * len(variables)
-        index = {id(v): i for i, v in enumerate(variables)}
+        sums = {}  # stage -> its trainable variables' gradient sums
 
-        def accumulate(sources, grads):
-            nonlocal sums
-            aligned = [None] * len(variables)
-            for v, g in zip(sources, grads):
-                if isinstance(g, tf.IndexedSlices):
-                    g = (g.values, g.indices)
-                aligned[index[id(v)]] = g
-            sums = compiled.add(sums, aligned)
+        def accumulate(s, grads):
+            grads = [(g.values, g.indices) if isinstance(g, tf.IndexedSlices) else g
+                     for g in grads]
+            sums[s] = compiled.add[s](sums.get(s, [None] * len(grads)), grads)
 
         for action in order:
             s, mb = action.stage, action.microbatch
@@ -354,10 +353,10 @@ class ProcessStages:
                 sources = list(stage.trainable_variables)
                 grads = tapes.pop((s, mb)).gradient(
                     targets.pop((s, mb)), sources + received, output_gradients=upstream)
-                accumulate(sources, grads[:len(sources)])
+                accumulate(s, grads[:len(sources)])
                 grads = grads[len(sources):]
                 if timeline is not None:
-                    _wait_for(sums + grads)
+                    _wait_for([sums[s], grads])
                 spans.append((stage.rank, mb, BACKWARD, began, time.perf_counter(), s))
                 if s > 0:
                     if stages[s - 1].rank == self.device:
@@ -368,7 +367,9 @@ class ProcessStages:
         if timeline is not None:
             self._record(timeline, step, spans)
         if training:
-            grads = self._sum_over_replicas(list(sums))
+            summed = {id(v): g for st in self.mine if st.index in sums
+                      for v, g in zip(st.trainable_variables, sums[st.index])}
+            grads = self._sum_over_replicas([summed.get(id(v)) for v in variables])
             compiled.apply(grads, self._clip_scale(model.optimizer, grads, compiled.squares))
         last = stages[-1].rank
         # This replica's chain: the processes of every pipeline device but the last.
@@ -383,7 +384,9 @@ class ProcessStages:
                     group.send(peer, "predict", flat)
             else:
                 flat, _ = group.recv(self.peer(last), "predict")
-            return tf.nest.pack_sequence_as(stages[-1].spec.outputs, flat)
+            # Keras's predict loop takes tensors.
+            return tf.nest.pack_sequence_as(stages[-1].spec.outputs,
+                                            [tf.constant(a) for a in flat])
         if self.device == last:
             y_pred = microbatch.merge([outputs[mb] for mb in range(m)])
             logs = compiled.finish(pack(y), y_pred, pack(sample_weight), tf.add_n(losses))
