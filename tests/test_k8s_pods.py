@@ -271,12 +271,10 @@ def test_a_pipeline_across_three_pods_equals_the_exact_single_device_run(network
         assert "the controller ended" in output, output[-2000:]
 
 
-@needs_netns
-def test_cutting_a_stage_pods_link_ends_the_pipeline_within_the_heartbeat_bound(
-        network, tmp_path):
-    """No connection resets when a link is cut: only the controller's heartbeat
-    notices, and it ends rank 0 with PEER_LOST (211) instead of a hang."""
-    processes = pipeline_pods(network, tmp_path, "--steps=100000")
+def cut_the_last_stage_pod(network, tmp_path, *flags):
+    """Pipeline pods training, then pod 2's link cut: (the pods, rank 0's
+    output, seconds from the cut to rank 0's exit)."""
+    processes = pipeline_pods(network, tmp_path, *flags, "--steps=100000")
     head = read_until(processes[0], "training")
     assert head.endswith("training\n"), head[-3000:]
     time.sleep(2)
@@ -285,6 +283,15 @@ def test_cutting_a_stage_pods_link_ends_the_pipeline_within_the_heartbeat_bound(
     output = processes[0].communicate(timeout=60)[0]
     detected = time.monotonic() - cut_at
     print(f"rank 0 exited {processes[0].returncode} {detected:.1f} s after the link cut")
+    return processes, output, detected
+
+
+@needs_netns
+def test_cutting_a_stage_pods_link_ends_the_pipeline_within_the_heartbeat_bound(
+        network, tmp_path):
+    """No connection resets when a link is cut: only the controller's heartbeat
+    notices, and it ends rank 0 with PEER_LOST (211) instead of a hang."""
+    processes, output, detected = cut_the_last_stage_pod(network, tmp_path)
     assert processes[0].returncode == exit_codes.PEER_LOST, output[-3000:]
     assert "task:1/device:CPU:0 answered nothing for 3 s" in output, output[-3000:]
     assert detected < 3 + 5, detected
@@ -314,15 +321,7 @@ def test_cutting_a_tensor_parallel_stage_pods_link_ends_every_pod_with_peer_lost
     """The last stage's pod cut off: its neighbour hears nothing for the heartbeat
     timeout and exits PEER_LOST (211); rank 0 then sees its neighbour gone and
     exits 211 too, all within the bound: no hang, and the Job restarts the group."""
-    processes = pipeline_pods(network, tmp_path, *MESH_STAGES, "--steps=100000")
-    head = read_until(processes[0], "training")
-    assert head.endswith("training\n"), head[-3000:]
-    time.sleep(2)
-    network.cut(2)
-    cut_at = time.monotonic()
-    output = processes[0].communicate(timeout=60)[0]
-    detected = time.monotonic() - cut_at
-    print(f"rank 0 exited {processes[0].returncode} {detected:.1f} s after the link cut")
+    processes, output, detected = cut_the_last_stage_pod(network, tmp_path, *MESH_STAGES)
     assert processes[0].returncode == exit_codes.PEER_LOST, output[-3000:]
     assert "a peer process was lost; exiting with 211" in output, output[-3000:]
     assert detected < 3 + 5, detected

@@ -173,26 +173,32 @@ def test_a_server_whose_controller_dies_exits_peer_lost_so_the_group_restarts():
     assert "the controller ended without completing; rank 1 exits with 211" in output
 
 
+def lose_rank_1(fault, *flags):
+    """Starts ranks 0 and 1, sends rank 1 `fault` once training runs; returns
+    (rank 0's process, its output, seconds from the fault to its exit)."""
+    ports = free_ports(2)
+    rank0, rank1 = start(ports, 0, *flags), start(ports, 1, *flags)
+    try:
+        wait_for_training(rank0)
+        lost = time.monotonic()
+        os.kill(rank1.pid, getattr(signal, fault))
+        try:
+            output, _ = rank0.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still runs 60 s after {fault} of rank 1")
+        seconds = time.monotonic() - lost
+    finally:
+        kill_all(rank0, rank1)
+    print(f"{fault}: rank 0 exited with {rank0.returncode} after {seconds:.1f} s")
+    return rank0, output, seconds
+
+
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_a_lost_stage_process_fails_the_controller_within_the_heartbeat_bound(fault):
     """A stage process that hangs (SIGSTOP: it answers nothing) or dies
     (SIGKILL: its connection resets) ends rank 0 with PEER_LOST (211, which
     restarts the group) instead of leaving it blocked in the step."""
-    ports = free_ports(2)
-    flags = ("--steps=100000", "--heartbeat_timeout=3")
-    controller, server = start(ports, 0, *flags), start(ports, 1, *flags)
-    try:
-        wait_for_training(controller)
-        lost = time.monotonic()
-        os.kill(server.pid, getattr(signal, fault))
-        try:
-            output, _ = controller.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still runs 60 s after {fault} of rank 1")
-        seconds = time.monotonic() - lost
-    finally:
-        kill_all(controller, server)
-    print(f"{fault}: rank 0 exited with {controller.returncode} after {seconds:.1f} s")
+    controller, output, seconds = lose_rank_1(fault, "--steps=100000", "--heartbeat_timeout=3")
     if fault == "SIGSTOP":
         assert controller.returncode == exit_codes.PEER_LOST, output[-3000:]
         assert re.search(r"/job:worker/replica:0/task:0/device:CPU:0 answered nothing for 3 s",
@@ -210,21 +216,8 @@ def test_a_lost_tensor_parallel_stage_process_ends_the_other_with_peer_lost(faul
     """One program per process (tp 2 inside each): rank 1 stopped or killed
     while rank 0 waits for its gradients. Rank 0 exits with PEER_LOST (211)
     within the heartbeat bound, never hangs."""
-    ports = free_ports(2)
-    flags = ("--steps=100000", "--heartbeat_timeout=3", "--tp=2", "--num_simulated_devices=2")
-    rank0, rank1 = start(ports, 0, *flags), start(ports, 1, *flags)
-    try:
-        wait_for_training(rank0)
-        lost = time.monotonic()
-        os.kill(rank1.pid, getattr(signal, fault))
-        try:
-            output, _ = rank0.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still runs 60 s after {fault} of rank 1")
-        seconds = time.monotonic() - lost
-    finally:
-        kill_all(rank0, rank1)
-    print(f"{fault}: rank 0 exited with {rank0.returncode} after {seconds:.1f} s")
+    rank0, output, seconds = lose_rank_1(fault, "--steps=100000", "--heartbeat_timeout=3",
+                                         "--tp=2", "--num_simulated_devices=2")
     assert rank0.returncode == exit_codes.PEER_LOST, output[-3000:]
     assert "a peer process was lost; exiting with 211" in output, output[-3000:]
     if fault == "SIGSTOP":

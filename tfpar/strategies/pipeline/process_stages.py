@@ -65,6 +65,7 @@ from tensorflow.experimental import dtensor
 
 from tfpar.compat import dtensor_variables
 from tfpar.compat.dtensor_variables import gather
+from tfpar.strategies import registry
 from tfpar.strategies.pipeline import microbatch
 from tfpar.strategies.pipeline.runner import PipelineConfigError
 from tfpar.strategies.pipeline.schedules import BACKWARD, FORWARD
@@ -252,18 +253,7 @@ class ProcessStages:
         if kind == "predict":
             return lambda batches: microbatch.merge([run(b) for b in batches])
 
-        def function(iterator):
-            outputs = None
-            for _ in range(model.steps_per_execution):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    break
-                outputs = run(data)
-            if outputs is None:
-                raise StopIteration
-            return outputs
-        return function
+        return registry.host_loop(model, run)
 
     def _run(self, pipeline, model, stages, data, kind, compiled):
         """This process's actions on one batch; returns the batch's logs (or predictions)."""
