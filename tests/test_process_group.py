@@ -145,3 +145,31 @@ def test_bad_settings_are_refused_with_the_rule():
             ProcessGroup(0, where, connect_timeout_s=1)
     finally:
         busy.close()
+
+
+@pytest.mark.multiprocess
+def test_a_process_that_exits_right_after_sending_still_delivers_it():
+    """A rank's last send (the gathered weights, say) is queued for its sender
+    thread; a process that then returns from its program must deliver it, and
+    end without resetting the connection, which would drop it."""
+    import subprocess
+    import sys
+
+    where = addresses(2)
+    sender = subprocess.Popen([sys.executable, "-c", (
+        "import numpy as np\n"
+        "from tfpar.cluster.process_group import ProcessGroup\n"
+        f"g = ProcessGroup(1, {where!r}, connect_timeout_s=60)\n"
+        "g.send(0, 'last', [np.arange(8 << 20, dtype='float32')])\n")])  # 32 MB, then exit
+    try:
+        g0 = ProcessGroup(0, where, connect_timeout_s=60)
+        assert sender.wait(timeout=60) == 0
+        time.sleep(0.5)  # read only after the sender is gone
+        arrays, _ = g0.recv(1, "last")
+        assert arrays[0].shape == (8 << 20,) and arrays[0][-1] == (8 << 20) - 1
+        with pytest.raises(PeerLostError, match="which ended"):
+            g0.recv(1, "more")
+        g0.close()
+    finally:
+        if sender.poll() is None:
+            sender.kill()

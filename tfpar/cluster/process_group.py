@@ -42,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
@@ -115,9 +116,14 @@ class ProcessGroup:
         self._ended: dict[int, str] = {}  # peer -> "bye" or why its connection broke
         self._sockets: dict[int, socket.socket] = {}
         self._outboxes: dict[int, queue.Queue] = {}
+        self._threads: dict[str, list[threading.Thread]] = {"send": [], "recv": []}
         self._closed = False
         self._connect(connect_timeout_s)
         _exit_peer_lost_when_uncaught()
+        # A process that returns from its program must still deliver what it
+        # queued (its last send is often the gathered weights) before the
+        # interpreter stops the sender threads.
+        atexit.register(self.close)
 
     @classmethod
     def from_cluster(cls, cluster, **timeouts) -> "ProcessGroup":
@@ -185,10 +191,11 @@ class ProcessGroup:
         self._sockets[peer] = conn
         self._last_seen[peer] = time.monotonic()
         self._outboxes[peer] = queue.Queue()
-        threading.Thread(target=self._receive_loop, args=(peer, conn), daemon=True,
-                         name=f"tfpar-recv-{peer}").start()
-        threading.Thread(target=self._send_loop, args=(peer, conn), daemon=True,
-                         name=f"tfpar-send-{peer}").start()
+        for kind, loop in (("recv", self._receive_loop), ("send", self._send_loop)):
+            thread = threading.Thread(target=loop, args=(peer, conn), daemon=True,
+                                      name=f"tfpar-{kind}-{peer}")
+            self._threads[kind].append(thread)
+            thread.start()
 
     # ------------------------------------------------------------ threads
     def _send_loop(self, peer: int, conn: socket.socket) -> None:
@@ -204,6 +211,12 @@ class ProcessGroup:
                 self._end(peer, f"sending failed: {e}")
                 return
             if frame is _FINAL:
+                # Nothing follows a goodbye: the peer reads to it and closes
+                # without unread bytes, which would reset the connection.
+                try:
+                    conn.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
                 return
 
     def _receive_loop(self, peer: int, conn: socket.socket) -> None:
@@ -220,6 +233,8 @@ class ProcessGroup:
                     if header["kind"] == _BYE:
                         self._ended[peer] = _BYE
                         self._lock.notify_all()
+                        # Answer it, so that the peer can close at once.
+                        self._outboxes[peer].put(_FINAL)
                         return
                     if header["kind"] == _MESSAGE:
                         nones = set(header.get("nones", ()))
@@ -295,23 +310,30 @@ class ProcessGroup:
             raise ProcessGroupError(f"rank {self.rank} has no peer {peer} (group of {self.size}).")
 
     def close(self) -> None:
-        """Says goodbye to every peer (after what was queued) and closes the connections."""
+        """Delivers what was queued, says goodbye to every peer and closes the
+        connections; also run at the process's exit. Waits for a peer only
+        while it is alive (not ended, not silent past the heartbeat timeout)."""
         if self._closed:
             return
         self._closed = True
         for outbox in self._outboxes.values():
             outbox.put(_FINAL)
-        deadline = time.monotonic() + 10.0
-        for outbox in self._outboxes.values():
-            while not outbox.empty() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        # Briefly, the peers' own goodbyes: closing a socket with unread data
-        # in it resets the connection, and a reset may drop what the peer has
-        # not read yet.
-        deadline = min(deadline, time.monotonic() + 1.0)
-        with self._lock:
-            while len(self._ended) < len(self._sockets) and time.monotonic() < deadline:
-                self._lock.wait(timeout=0.05)
+
+        def alive(thread, peer):
+            with self._lock:
+                return (thread.is_alive() and peer not in self._ended
+                        and time.monotonic() - self._last_seen[peer] < self.heartbeat_timeout_s)
+
+        peers = list(self._sockets)
+        for thread, peer in zip(self._threads["send"], peers):
+            while alive(thread, peer):
+                thread.join(timeout=0.1)
+        # The peers' goodbyes (answered at once by a live peer): closing a
+        # socket with unread data resets the connection, and a reset may drop
+        # what the peer has not read yet.
+        deadline = time.monotonic() + 2.0
+        for thread in self._threads["recv"]:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for conn in self._sockets.values():
             try:
                 conn.close()
