@@ -62,23 +62,23 @@ def test_every_layout_and_schedule_on_eight_devices_matches_one_device():
             assert row["optimizer_bytes_per_device"] < 2.1 * row["parameter_bytes_per_device"]
 
 
-def data_path(sources: set, targets) -> bool:
-    """Whether an op of `targets` has an op named in `sources` among its data
-    ancestors (op inputs only: control dependencies are not followed)."""
+def data_ancestors(targets) -> set:
+    """The names of every op that an op of `targets` reads through data (op
+    inputs only: control dependencies are not followed)."""
     seen, stack = set(), list(targets)
     while stack:
         for tensor in stack.pop().inputs:
             producer = tensor.op
-            if producer.name in sources:
-                return True
             if producer.name not in seen:
                 seen.add(producer.name)
                 stack.append(producer)
-    return False
+    return seen
 
 
 def unordered_pairs(strategy, model, schedule, stages=2, microbatches=4):
-    """Consecutive actions of one device whose order no data edge enforces."""
+    """Consecutive actions of one device whose order no data edge enforces: some
+    output of the first (an op whose result leaves the action: an activation or
+    gradient sent on, a gradient sum, the loss) is not read by the second."""
     x = tokens()
     graph = strategy.step_graph(model, (x[:, :-1], x[:, 1:]))
     by_scope = collections.defaultdict(list)
@@ -89,19 +89,27 @@ def unordered_pairs(strategy, model, schedule, stages=2, microbatches=4):
         order = schedules.get(schedule).stage_order(device, stages, microbatches)
         for before, then in zip(order, order[1:]):
             assert by_scope[action_scope(then)], action_scope(then)
-            sources = {op.name for op in by_scope[action_scope(before)]}
-            if not data_path(sources, by_scope[action_scope(then)]):
+            inside = action_scope(before)
+            outputs = {op.name for op in by_scope[inside]
+                       if any(c.name.split("/")[0] != inside
+                              for t in op.outputs for c in t.consumers())}
+            assert outputs, inside
+            if not outputs <= data_ancestors(by_scope[action_scope(then)]):
                 missing.append((str(before), str(then)))
     return missing
 
 
 def test_each_stage_mesh_action_waits_for_the_previous_one_through_data():
     """DTensor drops control dependencies between pure ops, so stage meshes order
-    each device's actions through data: every action of `stage_order` reads its
-    device's previous action. Device stages order by control dependencies,
-    which this walk ignores: there it finds the pairs unordered."""
-    meshes = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=4, schedule="1f1b")
-    assert unordered_pairs(meshes, compiled(meshes), "1f1b") == []
+    each device's actions through data: every action of `stage_order` reads
+    every output of its device's previous action, so none of that action's
+    work can end after this one's. Device stages order by control
+    dependencies, which this walk ignores: there it finds the pairs unordered."""
+    for schedule in ("1f1b", "interleaved_1f1b"):
+        meshes = tfpar.Pipeline(stages=2, tensor_parallel=2, microbatches=4, schedule=schedule)
+        model = compiled(meshes, shape=tfpar.models.GPTConfig(
+            layers=4, hidden=32, heads=2, vocab=64, seq_len=16))
+        assert unordered_pairs(meshes, model, schedule) == [], schedule
     devices = tfpar.Pipeline(stages=2, microbatches=4, schedule="1f1b")
     assert len(unordered_pairs(devices, compiled(devices), "1f1b")) >= 4
 

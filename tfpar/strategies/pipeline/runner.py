@@ -615,11 +615,16 @@ class Pipeline(StrategyBase):
         sums = [dict() for _ in range(R)]  # replica -> {variable index: gradient sum}
 
         def accumulate(r, sources, grads):
+            """Adds `grads` to replica r's sums; returns the sums it changed (the
+            action's last ops: the device's next action waits for them)."""
+            changed = []
             for v, g in zip(sources, grads):
                 if g is None:
                     continue
                 i = variable_index[id(v)]
                 sums[r][i] = g if i not in sums[r] else sums[r][i] + g
+                changed.append(sums[r][i])
+            return changed
 
         for r in range(R):
             acts, tapes, targets, inputs, input_grads = {}, {}, {}, {}, {}
@@ -663,8 +668,10 @@ class Pipeline(StrategyBase):
                         if record:
                             done = self.timeline.mark(done, key, begin=False, after=reads)
                         out = done[0]
+                        weighted_loss = None
                         if loss is not None:
-                            losses.append(done[1] * weight)
+                            weighted_loss = done[1] * weight
+                            losses.append(weighted_loss)
                         acts[(r, s, mb)] = out
                         if stage.is_last:
                             outputs[(r, mb)] = out
@@ -673,7 +680,10 @@ class Pipeline(StrategyBase):
                             layer_outputs[(s, mb)] = per_layer
                             # The tape's own tensor: a timeline marker is not differentiable.
                             targets[(s, mb)] = target if stage.is_last else raw_out
-                        after[stage.rank] = tf.nest.flatten(done)
+                        # Every output that leaves the action, the weighted loss too:
+                        # the device's next action waits for all of them.
+                        after[stage.rank] = [t for t in tf.nest.flatten(done) + [weighted_loss]
+                                             if t is not None]
                     elif action.kind == BACKWARD:
                         upstream = None if stage.is_last else input_grads.pop((s + 1, mb))
                         if meshes is not None:
@@ -704,9 +714,10 @@ class Pipeline(StrategyBase):
                         if split_backward:
                             # For W: the gradients of the loss w.r.t. each layer's output.
                             pending[(s, mb)] = (upstream, grads[len(received):])
+                            after[stage.rank] = [g for g in grads if g is not None]
                         else:
-                            accumulate(r, sources, grads)
-                        after[stage.rank] = [g for g in grads if g is not None]
+                            after[stage.rank] = accumulate(r, sources, grads) + [
+                                g for g in grads[len(sources):] if g is not None]
                         del acts[(r, s, mb)]
                     else:  # WEIGHT
                         upstream, layer_grads = pending.pop((s, mb))
@@ -718,8 +729,7 @@ class Pipeline(StrategyBase):
                             full=stage.is_last and regularized)
                         if record:
                             grads = self.timeline.mark(grads, key, begin=False, after=reads)
-                        accumulate(r, sources, grads)
-                        after[stage.rank] = [g for g in grads if g is not None]
+                        after[stage.rank] = accumulate(r, sources, grads)
 
         with self._on_device(last_device):
             y_pred = microbatch.merge([outputs[(r, mb)] for r in range(R) for mb in range(m)])

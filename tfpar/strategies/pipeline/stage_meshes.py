@@ -246,15 +246,20 @@ class StageMeshes:
     # ------------------------------------------------------------ ordering
     @staticmethod
     def after(value, previous):
-        """`value`, data-dependent on `previous` (the device's previous action's
-        outputs), so the executor cannot start this action before that one ended."""
+        """`value`, data-dependent on `previous` (every output of the device's
+        previous action), so the executor cannot start this action's
+        dependent ops before that action ended: its last op is one of them."""
         previous = [t for t in tf.nest.flatten(previous) if t is not None]
         if not previous or value is None:
             return value
-        # The smallest of the previous outputs: its sum costs least (on a
-        # sharded tensor it is a scalar all-reduce inside the stage's mesh).
-        smallest = min(previous, key=lambda t: t.shape.num_elements() or 0)
-        s = tf.stop_gradient(tf.reduce_sum(tf.cast(smallest, tf.float32)))
+        # Every output, not one: an action's outputs end at different times,
+        # and an order on the smallest one let the next backward end before
+        # the previous one did (a profiled interleaved 1F1B step on a loaded
+        # machine). Each sum reads its tensor once, as the gradient
+        # accumulation does; on a sharded tensor it is a scalar all-reduce
+        # inside the stage's mesh.
+        s = tf.stop_gradient(tf.add_n([tf.reduce_sum(tf.cast(t, tf.float32))
+                                       for t in previous]))
         never = tf.logical_and(tf.math.is_nan(s), tf.math.is_finite(s))
 
         def one(t):
