@@ -141,7 +141,13 @@ def test_megatron_preset_shards_every_matrix_but_the_position_embedding(name):
     assert unsharded == (["position_embedding/embeddings"] if name == "gpt2" else [])
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# Mistral's weights are Llama's (it adds a sliding-window mask, which nothing
+# splits): it keeps the preset check above, and trains in the rows that have
+# both (README.md's table was measured on all five).
+TRAINED = sorted(set(MODELS) - {"mistral"})
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_tensor_parallel_megatron_matches_one_device(name):
     strategy = tfpar.TensorParallel("batch:2,model:2", "megatron")
     model = train(strategy, name)
@@ -214,7 +220,7 @@ def test_data_parallel_matches_one_device(name):
 SECOND_BLOCK = {"gemma": "decoder_block_1"}  # the others: transformer_layer_1
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", TRAINED)
 def test_pipeline_cut_between_transformer_blocks_matches_one_device(name):
     block = SECOND_BLOCK.get(name, "transformer_layer_1")
     strategy = tfpar.Pipeline(split_points=[block], microbatches=4)

@@ -224,17 +224,10 @@ def test_a_mesh_whose_model_axis_spans_both_clients_saves_without_deadlock(data_
 
 
 # ---------------------------------------------------------------- resume
-def test_a_second_launch_resumes_to_the_weights_of_an_uninterrupted_run(
-        uninterrupted, data_dir, tmp_path):
-    out = tmp_path / "out"
-    code, output = launch(out, data_dir, "--train_steps=12")
-    assert code == 0, output[-3000:]
-    code, output = launch(out, data_dir, "--train_steps=24")
-    assert code == 0, output[-3000:]
-    assert "[rank 0] tfpar train: resuming from" in output and "at optimizer step 12 of 24" \
-        in output
-    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 12
-    assert max_abs_diff(weights(uninterrupted[0]), weights(out)) == 0.0
+# A launch resumes where the checkpoint left off: the SIGTERM test below
+# relaunches and ends bit-identical to an uninterrupted run (a second launch
+# with more --train_steps takes the same resume path; tests/test_train.py
+# extends a finished run on one host).
 
 
 # ------------------------------------------------------------ preemption
