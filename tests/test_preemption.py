@@ -97,16 +97,15 @@ def test_sigterm_saves_an_agreed_step_exits_210_and_resumes_to_identical_weights
 # every 6, on a 1-block GPT (checkpoints are written in the background: the
 # default). Each run takes 15-35 s on 2 shared cores, mostly start-up and tracing.
 # The pipeline runs with replicas (2 stages x 2 replicas): one pipeline without
-# replicas takes the same checkpoint path through the same runner. One device
-# and data parallelism: the SIGTERM path is the same code (tfpar.callbacks'),
-# tests/test_train.py resumes a one-device run bit-identically, and data
-# parallelism is preempted across processes above and across pods in
-# tests/test_k8s_pods.py.
+# replicas takes the same checkpoint path through the same runner. One device:
+# the SIGTERM path is the same code, and tests/test_train.py resumes a
+# one-device run bit-identically.
 TRAIN = [sys.executable, "-m", "tfpar.cli.main", "train", "--model=tiny", "--tokenizer=bytes",
          "--layers=1", "--seq_len=32",
          "--global_batch_size=16", "--train_steps=24", "--eval_every=6", "--eval_batches=2",
          "--warmup_steps=2", "--lr_decay_steps=24", "--sample_tokens=8", "--peak_tflops=1"]
 STRATEGIES = {
+    "data": ["--strategy=data", "--num_simulated_devices=2"],
     "tensor": ["--strategy=tensor", "--mesh=batch:2,model:2", "--num_simulated_devices=4"],
     "pipeline_replicas": ["--strategy=pipeline", "--pipeline_stages=2",
                           "--pipeline_replicas=2", "--microbatches=2",
