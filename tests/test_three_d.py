@@ -40,7 +40,7 @@ def test_every_layout_and_schedule_on_eight_devices_matches_one_device():
     tp 2) under GPipe: 10 AdamW steps of a 2-block GPT against the exact
     single-device run; a checkpoint of the 3-D model that loads into a plain
     model and back; global_clipnorm. (`python tests/workers/three_d_equivalence.py
-    all` runs every layout under both schedules: BUILD_NOTES.md, "3-D parallelism".)"""
+    all` runs every layout under both schedules: README.md, "3-D parallelism".)"""
     result = run([sys.executable, str(WORKERS / "three_d_equivalence.py")], timeout=600,
                  check=True)
     rows = json.loads(result.stdout.strip().splitlines()[-1])
