@@ -7,6 +7,14 @@ MultiWorkerMirroredStrategy that is a cross-worker collective on a tuple of
 PerReplica values and raises "Attempt to convert a value (PerReplica:...) to
 a Tensor". The batch is needed only for its shapes and dtypes, so a local
 replica's value serves, with no communication at all.
+
+Drawing that batch has a second cost: Keras then resets the epoch iterator,
+so training starts on a second iterator of the dataset, and a dataset that
+reshuffles on each iteration (`shuffle(..., reshuffle_each_iteration=True)`,
+the default) trains on its second order under tf.distribute strategies but
+on its first under strategies without the symbolic build (DTensor ones): one
+seed, two runs. For a `tf.data.Dataset` the shapes and dtypes come from its
+`element_spec` instead, and no batch is drawn.
 """
 
 import tensorflow as tf
@@ -15,10 +23,22 @@ from tfpar.compat._keras import first_local_value, trainer_module
 from tfpar.compat.patch import Patch
 
 
+def _dataset_spec(epoch_iterator):
+    """The TensorSpecs of a `tf.data.Dataset`'s batches (Keras builds from shapes
+    and dtypes alone), or None for other inputs (arrays, generators)."""
+    adapter = getattr(epoch_iterator, "data_adapter", None)
+    dataset = getattr(adapter, "_dataset", None)  # TFDatasetAdapter's, private: pinned Keras
+    if not isinstance(dataset, tf.data.Dataset):
+        return None
+    return dataset.element_spec
+
+
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     if self._distribute_strategy is None:
         return
-    if iterator is not None:
+    if iterator is not None and data_batch is None:
+        data_batch = _dataset_spec(iterator)
+    if iterator is not None and data_batch is None:
         for _, _, it in iterator:
             data_batch = tf.nest.map_structure(first_local_value, next(it))
             break

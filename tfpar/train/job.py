@@ -419,6 +419,10 @@ def _compiled_model(config, shape, strategy):
     optimizer steps; clipping and accumulation follow the all-reduce)."""
     k = config.grad_accum_steps
     _use_hub_layouts(shape, strategy)
+    # Seeded again here: preparing the corpus and training the tokenizer (a
+    # fresh --data_dir only) draw from Python's `random`, from which Keras
+    # takes each initializer's seed when the layer is made.
+    keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(shape, recompute=config.recompute)
         optimizer = keras.optimizers.AdamW(
