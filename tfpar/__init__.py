@@ -51,3 +51,12 @@ def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"tfpar.{name}")
     raise AttributeError(f"module 'tfpar' has no attribute {name!r}")
+
+
+def _register_keras_objects():
+    from tfpar import _keras_objects
+
+    _keras_objects.register_when_keras_loads()
+
+
+_register_keras_objects()

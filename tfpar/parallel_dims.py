@@ -285,8 +285,37 @@ class ParallelDims:
         return out
 
     def describe(self) -> dict:
-        """A JSON-ready dict (what summary.json and `describe()` report)."""
-        return dataclasses.asdict(self) | {"world_size": self.world_size}
+        """A JSON-ready dict (what summary.json and `describe()` report): the
+        degrees, and only the settings that apply (the ZeRO stage where fsdp
+        shards, the schedule where there is a pipeline)."""
+        values = dataclasses.asdict(self) | {"world_size": self.world_size}
+        if not self.fsdp_enabled:
+            del values["zero_stage"]
+        if not self.pp_enabled:
+            for name in ("microbatches", "schedule", "virtual_stages"):
+                del values[name]
+        return values
+
+    def layout(self, devices: int | None = None, device_type: str = "", processes: int = 1) -> str:
+        """One line for people: "dp 4 x tp 1 x pp 1 on 4 CPU devices".
+
+        dp, tp and pp always; fsdp (with its ZeRO stage) where it shards; the
+        schedule and micro-batches of a pipeline.
+        """
+        parts = [f"dp {self.dp}"]
+        if self.fsdp_enabled:
+            parts.append(f"fsdp {self.fsdp} (ZeRO-{self.zero_stage})")
+        parts += [f"tp {self.tp}", f"pp {self.pp}"]
+        text = " x ".join(parts)
+        if self.pp_enabled:
+            text += (f" ({self.schedule}, {self.microbatches} micro-batches, "
+                     f"{self.virtual_stages} stage(s) per device)")
+        if devices is not None:
+            text += f" on {devices} {device_type + ' ' if device_type else ''}device" \
+                    + ("s" if devices != 1 else "")
+        if processes > 1:
+            text += f" in {processes} processes"
+        return text
 
     @classmethod
     def from_dict(cls, values: dict) -> "ParallelDims":

@@ -38,13 +38,17 @@ class TransformerBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden, self.heads, self.mlp_ratio, self.dropout = hidden, heads, mlp_ratio, dropout
         self.recompute = tfpar_recompute.check(recompute, dropout)
-        self.ln_1 = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_1")
+        # The block's own policy, not the global one: a model saved in mixed
+        # precision loads with its bfloat16 blocks whole under any global policy.
+        policy = self.dtype_policy
+        self.ln_1 = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_1", dtype=policy)
         self.attention = keras.layers.MultiHeadAttention(
-            heads, hidden // heads, dropout=dropout, name="attention")
-        self.ln_2 = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_2")
-        self.mlp_up = keras.layers.Dense(hidden * mlp_ratio, activation="gelu", name="mlp_up")
-        self.mlp_down = keras.layers.Dense(hidden, name="mlp_down")
-        self.drop = keras.layers.Dropout(dropout)
+            heads, hidden // heads, dropout=dropout, name="attention", dtype=policy)
+        self.ln_2 = keras.layers.LayerNormalization(epsilon=1e-5, name="ln_2", dtype=policy)
+        self.mlp_up = keras.layers.Dense(hidden * mlp_ratio, activation="gelu", name="mlp_up",
+                                         dtype=policy)
+        self.mlp_down = keras.layers.Dense(hidden, name="mlp_down", dtype=policy)
+        self.drop = keras.layers.Dropout(dropout, dtype=policy)
 
     def build(self, input_shape):
         self.ln_1.build(input_shape)

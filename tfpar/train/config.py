@@ -55,6 +55,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     grad_accum_steps: int = 1
     seed: int = 0
+    deterministic: bool = False
     output_dir: str = "runs/gpt"
     async_checkpoint: bool = True
     sample_tokens: int = 200

@@ -70,6 +70,12 @@ TRAIN_FLAGS = {
         "or full (the whole block): less memory for about 1/3 more compute (full). "
         "keras-hub models (--model=keras_hub:...) take none."),
     "seed": (flags.DEFINE_integer, "Initialization and data order."),
+    "deterministic": (flags.DEFINE_bool,
+        "TensorFlow's op determinism (tf.config.experimental.enable_op_determinism): a rerun "
+        "gives bit-identical weights even where a kernel's summation order may vary between "
+        "runs (GPU reductions, scatters, cuDNN; parallel tf.data maps keep their order). "
+        "Ops with no deterministic kernel then raise instead of running. On CPUs it cost "
+        "nothing measurable (docs/determinism.md)."),
     # Outputs.
     "output_dir": (flags.DEFINE_string,
         "Checkpoint, TensorBoard logs, loss.png, sample.txt, model.keras, "

@@ -150,6 +150,14 @@ def device_count(strategy) -> int:
     return len(strategy.describe().get("devices") or [None]) * max(strategy.num_workers, 1)
 
 
+def layout_line(strategy) -> str:
+    """The job's layout in one line: "dp 4 x tp 1 x pp 1 on 4 CPU devices"."""
+    names = strategy.describe().get("devices") or []
+    kinds = {("GPU" if "GPU" in str(name).upper() else "CPU") for name in names}
+    kind = kinds.pop() if len(kinds) == 1 else ""
+    return strategy.dims.layout(device_count(strategy), kind, max(strategy.num_workers, 1))
+
+
 def _hosts(strategy) -> int:
     """Distinct hosts of the job's cluster (local workers share one host)."""
     cluster = getattr(strategy, "cluster", None)
@@ -195,6 +203,8 @@ def run(config: TrainConfig, strategy) -> dict:
     # Before any dataset or variable: the data order and the initial weights
     # depend on the seed alone (op seeds combine with the global one).
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     # A `bpe:V` tokenizer's size is in its spec: the checkpoint is checked
     # against the model's shape before the corpus and tokenizer are prepared.
     tokenizer = None if config.tokenizer.startswith(bpe.PREFIX) else load_tokenizer(config)
@@ -248,8 +258,8 @@ def run(config: TrainConfig, strategy) -> dict:
     if chief:
         print(f"tfpar train: {_describe(shape)}, {parameters:,} parameters, vocabulary "
               f"{shape.vocab} ({config.tokenizer}), context {shape.seq_len}")
-        print(f"tfpar train: {strategy.kind} on {devices} device(s): {strategy.describe()}"
-              + (f", layouts {layouts}" if layouts else ""))
+        print(f"tfpar train: {layout_line(strategy)} ({strategy.kind}"
+              + (f", {layouts} layouts" if layouts else "") + ")")
         print(f"tfpar train: data {source}; global batch {batch} x {k} accumulated = "
               f"{batch * k * shape.seq_len:,} tokens per optimizer step; peak "
               f"{peak / 1e9:,.1f} GFLOP/s ({peak_source})", flush=True)
@@ -329,6 +339,8 @@ def run(config: TrainConfig, strategy) -> dict:
         "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
         "train_seconds": seconds, "wall_seconds": time.time() - started,
         "precision": keras.config.dtype_policy().name, "recompute": config.recompute,
+        "layout": layout_line(strategy), "seed": config.seed,
+        "deterministic": config.deterministic,
         "memory": memory,
     }
     if hasattr(strategy, "communication_report"):
