@@ -16,10 +16,19 @@ is 0; what it gets is rounding noise of the summation order, which Adam
 turns into steps of up to lr / epsilon times its size, different under
 every layout (tests/test_train.py's `weights` says the same).
 
+The learning rate is 5e-5: where an id's gradient contributions nearly
+cancel, Adam divides a sum that is mostly rounding noise by its own size, so
+a few embedding elements move by up to about lr per step differently under
+another summation order (at lr 1e-3, 1-2 of the 262,144 token-embedding
+elements ended 2-5e-5 apart, every other weight within 1.3e-6). Training
+moves the weights 5.9e-4 here, 59 times the tolerance.
+
 Mixed precision (bfloat16 compute, float32 weights) is compared with one
 device in mixed precision, at `MIXED_TOLERANCE`: bfloat16 keeps 8 bits of
 mantissa, so a product summed in another order (another layout) can round to
 a neighbouring bfloat16 value, 0.4% apart, and training carries that on.
+Measured: 3.4e-4 under data, tensor and pipeline parallelism, as far as one
+device in mixed precision is from one device in float32 (3.5e-4).
 """
 
 import json
@@ -39,7 +48,7 @@ COMMON = ["--model=tiny", "--layers=2", "--seq_len=32", "--global_batch_size=16"
           "--sample_tokens=0", "--noasync_checkpoint", "--seed=7"]
 ONE_DEVICE = ["--strategy=one_device"]
 TOLERANCE = 1e-5
-MIXED_TOLERANCE = 2e-2
+MIXED_TOLERANCE = 1e-3
 
 
 def train(data_dir, output_dir, *flags):
@@ -224,7 +233,8 @@ def test_layouts_across_processes_train_the_one_device_model(layout, fresh, refe
     assert result.returncode == 0, result.stdout[-3000:]
     check(layout, weights(tmp_path), reference)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["workers"] == nproc and summary["dims"]["world_size"] == WORLD[layout]
+    assert summary["dims"]["world_size"] == WORLD[layout]
     if layout == "multi_worker":  # the chief prints, and writes alone
+        assert summary["workers"] == 2
         assert "[rank 0] tfpar train: validation loss" in result.stdout
         assert "[rank 1] tfpar train: validation loss" not in result.stdout
