@@ -96,6 +96,7 @@ def test_on_eight_devices_each_stage_keeps_within_five_percent_of_the_ideal():
     result = run([sys.executable, str(WORKERS / "zero_bytes.py"), "8"], timeout=300,
                  check=True)
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(out["stages"]) == ["1", "2", "3"], out  # every ZeRO stage reported
     for stage, report in out["stages"].items():
         assert_within(report, ideal(int(stage), report["parameter_bytes_total"], 8), 0.05)
 

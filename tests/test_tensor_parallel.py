@@ -323,9 +323,12 @@ def test_dropout_seed_generator_state_lives_on_the_mesh_and_trains():
                                   keras.layers.Dropout(0.5), keras.layers.Dense(8, name="mlp_down")])
         model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="mse")
     x, y = mlp_data(64)
-    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
     state = model.layers[1].seed_generator.state
+    before = state.numpy()
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
     assert isinstance(state._value, dtensor.DVariable)
+    # One draw per training step (3 epochs of 4 batches), each a new dropout mask.
+    np.testing.assert_array_equal(state.numpy() - before, [0, 12])
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 

@@ -158,6 +158,7 @@ def test_tfpar_train_data_parallel_writes_every_output(data_dir, tmp_path):
     assert memory["parameter_bytes_per_device"] == memory["parameter_bytes_total"]
     assert memory["optimizer_bytes_per_device"] >= 2 * memory["parameter_bytes_per_device"]
     assert memory["peak_step_bytes"] > memory["parameter_bytes_per_device"]
+    assert 0.3 * 2**30 < memory["host_peak_bytes"] < 8 * 2**30  # TensorFlow alone: 0.4-0.5 GiB
     assert summary["communication"]["gradient_wire_bytes_per_device"] == pytest.approx(
         1.5 * memory["gradient_bytes_per_device"])  # 2(n-1)/n of float32 gradients, n = 4
     assert "tfpar train: memory per device: parameters" in result.stdout

@@ -78,3 +78,14 @@ def step_peak_bytes(model, x, y) -> int | None:
         return None
     model.train_on_batch(x, y)
     return peak_bytes_per_device()
+
+
+def host_peak_bytes() -> int:
+    """This process's peak resident host memory so far (the kernel's high-water
+    mark of its RSS: weights, optimizer state, checkpoint snapshots and the
+    runtime itself, about 0.4-0.5 GiB for TensorFlow and tfpar before any model)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

@@ -310,7 +310,8 @@ def run(config: TrainConfig, strategy) -> dict:
     # The last epoch's validation ran on the final weights already.
     final_val = last_val if last_step == config.train_steps else \
         float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
-    memory = strategy.memory_report(model) | {"peak_step_bytes": step_peak.bytes_per_device}
+    memory = strategy.memory_report(model) | {"peak_step_bytes": step_peak.bytes_per_device,
+                                              "host_peak_bytes": tfpar.memory.host_peak_bytes()}
     memory.pop("per_device", None)  # a pipeline's per-stage rows: the fullest is reported
     # Every worker: sharded weights gather collectively; stages that ran in
     # their own processes send their weights to rank 0 first.
@@ -477,7 +478,8 @@ def _write_outputs(config, shape, tokenizer, weights, state, summary) -> None:
           f" -> {summary['final_val_bits_per_byte']:.2f} bits/byte) after {summary['steps']} "
           "steps; "
           f"{summary['tokens_per_second']:,.0f} tokens/s; MFU {summary['mfu']:.1%}")
-    print("tfpar train: memory per device: " + _memory_line(summary["memory"]))
+    print("tfpar train: memory per device: " + _memory_line(summary["memory"]) + "; host peak "
+          f"{summary['memory']['host_peak_bytes'] / 2**30:.2f} GiB (this process)")
     print(f"tfpar train: sample ({config.sample_tokens} tokens after {config.sample_prompt!r}):\n"
           f"{sample}\n", flush=True)
     print(f"tfpar train: wrote {out}/{{summary.json,loss.png,sample.txt,model.keras,"
