@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tfpar.callbacks import BackupAndRestore, CheckpointWriteError
-from tfpar.compat._keras import snapshot_h5_bytes, weights_h5_bytes, weights_snapshot
+from tfpar.compat._keras import (snapshot_h5_bytes, weights_file_bound, weights_h5_bytes,
+                                 weights_snapshot)
 
 BATCHES = 8  # per epoch
 
@@ -133,9 +134,12 @@ def test_a_full_disk_raises_one_error_naming_the_file_and_the_space_and_keeps_th
         small_disk, async_save):
     model = mlp(hidden=512)
     model.optimizer.build(model.trainable_variables)
-    size = len(weights_h5_bytes(model))
-    # Room for one backup and its metadata, not for a second beside it.
-    disk = small_disk(-(-int(size * 1.5) // 4096) * 4096 + 8192)
+    size, bound = len(weights_h5_bytes(model)), weights_file_bound(model)
+    assert size <= bound
+    # Room for the bound a save checks first (so for one backup and its metadata), and
+    # less than that left beside the first backup.
+    disk = small_disk(-(-bound // 4096) * 4096 + 8192)
+    assert size > 8192
     backup = BackupAndRestore(str(disk), delete_checkpoint=False, async_save=async_save)
     fit(model, 1, [backup])
     backup.wait_for_pending_save()
@@ -146,8 +150,8 @@ def test_a_full_disk_raises_one_error_naming_the_file_and_the_space_and_keeps_th
                                         async_save=async_save)])
     message = str(error.value)
     assert message.startswith(f"cannot write the checkpoint {disk}/backup-e2-b0.weights.h5: "
-                              "no space left on its file system (it needs "
-                              f"{size / 1e6:.2f} MB, "), message
+                              "no space left on its file system (it needs about "
+                              f"{bound / 1e6:.2f} MB, "), message
     assert "\n" not in message and message.endswith("The previous checkpoint is intact.")
     # The half-written file is gone; the last backup is the latest and whole.
     assert sorted(p.name for p in disk.iterdir()) == [

@@ -29,7 +29,8 @@ import keras
 import tensorflow as tf
 
 from tfpar import exit_codes, memory
-from tfpar.compat._keras import snapshot_h5_bytes, weights_snapshot
+from tfpar.compat._keras import (read_weights, snapshot_h5_bytes, weights_file_bound,
+                                 weights_snapshot, write_weights_h5)
 from tfpar.strategies import registry
 from tfpar.strategies.base import should_write, strategy_for
 
@@ -109,15 +110,21 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.2f} MB"
 
 
+def _out_of_space(error: Exception) -> bool:
+    # HDF5's write errors reach Python as OSError with the errno in the text only.
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "errno = 28," in str(error) or "No space left on device" in str(error)
+
+
 def _write_failure(path: str, size: int, error: Exception) -> str:
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+    if _out_of_space(error):
         try:
             stat = os.statvfs(os.path.dirname(path))
             free = f", {_megabytes(stat.f_bavail * stat.f_frsize)} free"
         except OSError:
             free = ""
         return (f"cannot write the checkpoint {path}: no space left on its file system (it "
-                f"needs {_megabytes(size)}{free}); free space there or give another "
+                f"needs about {_megabytes(size)}{free}); free space there or give another "
                 "directory. The previous checkpoint is intact.")
     return (f"cannot write the checkpoint {path}: {error}. The previous checkpoint is "
             "intact.")
@@ -150,13 +157,49 @@ def _write_file(path: str, data: bytes, steps: tuple) -> None:
     _fault_point(synced)
 
 
-def _commit(backup_dir: str, metadata_path: str, name: str, snapshot: list,
-            metadata: dict) -> None:
+def _write_weights(path: str, source) -> None:
+    """Writes the weights file of `source` (a snapshot or the model) at `path`, durably.
+
+    On a local file system the file is written tensor by tensor (no image of
+    the whole file in memory; from the model itself, no copy of the model
+    either) and fsync'ed; elsewhere (gs://, ...) its bytes are made in
+    memory and written through tf.io.gfile. A file not written whole is
+    removed, and the failure raised as CheckpointWriteError.
+    """
+    if not _is_local(path):
+        snapshot = source if isinstance(source, list) else weights_snapshot(source)
+        _write_file(path, snapshot_h5_bytes(snapshot),
+                    ("weights_partial", "weights_written", "weights_synced"))
+        return
+    # Refused before a byte is written when the room is short: a disk that
+    # fills in the middle of an HDF5 write fails cleanly too, but h5py then
+    # prints a traceback for every object it frees.
+    needed = weights_file_bound(source)
+    stat = os.statvfs(os.path.dirname(path) or ".")
+    if stat.f_bavail * stat.f_frsize < needed:
+        raise CheckpointWriteError(_write_failure(path, needed, OSError(errno.ENOSPC, "")))
+    try:
+        write_weights_h5(path, source, after_first_tensor=lambda: _fault_point("weights_partial"))
+        _fault_point("weights_written")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # h5py's write errors are one or the other
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise CheckpointWriteError(_write_failure(path, needed, e)) from e
+    _fault_point("weights_synced")
+
+
+def _commit(backup_dir: str, metadata_path: str, name: str, source, metadata: dict) -> None:
     """Writes weights file `name` and commits `metadata` naming it; atomic and durable.
 
-    1. the weights (`snapshot`, see `tfpar.compat._keras.weights_snapshot`)
-       are serialized to a `.weights.h5` image and written to a new file,
-       which is fsync'ed;
+    1. the weights (`source`: a snapshot, see
+       `tfpar.compat._keras.weights_snapshot`, or the model itself for a
+       synchronous save) are written to a new `.weights.h5` file, which is
+       fsync'ed (`_write_weights`);
     2. the metadata goes to a staging file, which is fsync'ed, and so is the
        directory (the new entries survive a power loss);
     3. a rename replaces the metadata (the commit: readers see the old
@@ -166,8 +209,7 @@ def _commit(backup_dir: str, metadata_path: str, name: str, snapshot: list,
     """
     _commits_started[0] += 1
     local = _is_local(backup_dir)
-    _write_file(tf.io.gfile.join(backup_dir, name), snapshot_h5_bytes(snapshot),
-                ("weights_partial", "weights_written", "weights_synced"))
+    _write_weights(tf.io.gfile.join(backup_dir, name), source)
     staging = metadata_path + ".tmp"
     _write_file(staging, json.dumps(metadata).encode(), (None, None, None))
     if local:
@@ -339,28 +381,32 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def _save_model(self, step_in_epoch: int = 0):
         """Backs up the state after `step_in_epoch` batches of the current epoch.
 
-        Every process calls it and takes the snapshot: reading a sharded
-        weight to the host is a collective over the mesh, which may span
-        processes (a DTensor mesh "batch:1,model:4" over 2 clients deadlocks
-        if only the chief gathers). The snapshot holds the values in host
-        memory; only the writer (`should_write`) then serializes, writes and
-        commits it (`_commit`), in a background thread with `async_save`.
+        Every process reads every weight: reading a sharded weight to the
+        host is a collective over the mesh, which may span processes (a
+        DTensor mesh "batch:1,model:4" over 2 clients deadlocks if only the
+        chief gathers); only the writer (`should_write`) keeps what it reads.
+        With `async_save` the writer snapshots the values to host memory and
+        writes and commits them (`_commit`) in a background thread; a
+        synchronous save on a local file system writes each tensor as it is
+        read, so the save adds about one tensor to the process's memory, not
+        the model (plus its optimizer state) once more.
         """
         self.wait_for_pending_save()
         position = (self._current_epoch, step_in_epoch)
         if position == self._last_saved:  # e.g. a preemption right after a regular save
             return
-        snapshot = weights_snapshot(self.model)
         self._last_saved = position
         if not should_write(self.model):
+            read_weights(self.model)
             return
         tf.io.gfile.makedirs(self.backup_dir)
         name = f"backup-e{position[0]}-b{position[1]}.weights.h5"
         metadata = {"epoch": position[0], "step_in_epoch": position[1], "weights": name}
-        args = (self.backup_dir, self._metadata_path, name, snapshot, metadata)
         if not self.async_save:
-            _commit(*args)
+            _commit(self.backup_dir, self._metadata_path, name, self.model, metadata)
             return
+        args = (self.backup_dir, self._metadata_path, name, weights_snapshot(self.model),
+                metadata)
         # Not a daemon: a process that ends (training done, an error) waits
         # for the write instead of cutting it off.
         self._pending = threading.Thread(target=self._commit_in_background, args=args,
