@@ -47,11 +47,7 @@ def snapshot_h5_bytes(snapshot: list) -> bytes:
             return h5py.File(path_or_io, mode="w", driver="core", backing_store=False)
 
     store = InMemoryStore("snapshot.weights.h5", mode="w")
-    for call, *args in snapshot:
-        if call == "make":
-            store.make(args[0], metadata=args[1])
-        else:
-            store[args[0]] = args[1]
+    _replay(snapshot, store)
     store.h5_file.flush()
     data = store.h5_file.id.get_file_image()
     store.close()
@@ -82,11 +78,7 @@ def write_weights_h5(path: str, source, after_first_tensor=None) -> None:
     store = FileStore(path, mode="w")
     try:
         if isinstance(source, list):
-            for call, *args in source:
-                if call == "make":
-                    store.make(args[0], metadata=args[1])
-                else:
-                    store[args[0]] = args[1]
+            _replay(source, store)
         else:
             _walk(source, store)
     except BaseException:
@@ -114,7 +106,7 @@ _H5_BYTES_PER_FILE = 65536
 def state_bytes(source) -> int:
     """The bytes of the tensors a save writes: of a snapshot, or of a model's
     variables and its optimizer's (read from their shapes, not their values)."""
-    return sum(nbytes for nbytes in _tensor_bytes(source))
+    return sum(_tensor_bytes(source))
 
 
 def weights_file_bound(source) -> int:
@@ -144,6 +136,15 @@ def _walk(model, store) -> None:
     gather_weights(model)  # a pipeline across processes: the writer's copy made whole
     _saving_lib()._save_state(model, weights_store=store, assets_store=None, inner_path="",
                               visited_saveables=set())
+
+
+def _replay(snapshot: list, store) -> None:
+    """Makes `store` receive the calls a snapshot recorded, in their order."""
+    for call, *args in snapshot:
+        if call == "make":
+            store.make(args[0], metadata=args[1])
+        else:
+            store[args[0]] = args[1]
 
 
 def weights_h5_bytes(model) -> bytes:
