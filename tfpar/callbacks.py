@@ -97,8 +97,8 @@ def _is_local(path: str) -> bool:
     return "://" not in str(path)
 
 
-def _sync_directory(path: str) -> None:
-    """Makes the directory's entries (new files, renames) durable."""
+def _fsync(path: str) -> None:
+    """Makes a file's bytes, or a directory's entries (new files, renames), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -181,11 +181,7 @@ def _write_weights(path: str, source) -> None:
     try:
         write_weights_h5(path, source, after_first_tensor=lambda: _fault_point("weights_partial"))
         _fault_point("weights_written")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
     except (OSError, RuntimeError) as e:  # h5py's write errors are one or the other
         with contextlib.suppress(OSError):
             os.remove(path)
@@ -213,11 +209,11 @@ def _commit(backup_dir: str, metadata_path: str, name: str, source, metadata: di
     staging = metadata_path + ".tmp"
     _write_file(staging, json.dumps(metadata).encode(), (None, None, None))
     if local:
-        _sync_directory(backup_dir)
+        _fsync(backup_dir)
     _fault_point("metadata_staged")
     if local:
         os.replace(staging, metadata_path)
-        _sync_directory(backup_dir)
+        _fsync(backup_dir)
     else:
         tf.io.gfile.rename(staging, metadata_path, overwrite=True)
     _fault_point("metadata_renamed")
